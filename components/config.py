@@ -1,0 +1,209 @@
+"""params.yaml → typed, frozen config objects.
+
+params.yaml is the only place hyperparameters live: the classes below have no defaults, refuse
+unknown keys, and every error names the key's path and the rule it broke.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from ruamel.yaml import YAML
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad params.yaml or override; the message lists every problem with its key path."""
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class DataConfig(Frozen):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    source: str
+    path: str
+    image_size: int = Field(ge=8, le=512)
+    channels: Literal[1, 3]
+    resize: bool
+    test_fraction: float = Field(gt=0, lt=1)
+    limit_per_split: int | None = Field(gt=0)
+    max_pixels: int = Field(gt=0)
+    shard_size: int = Field(gt=0)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        from components.data.sources import SOURCES
+
+        if value not in SOURCES:
+            raise ValueError(f"must be one of {SOURCES.names()}")
+        return value
+
+
+class ClassifierConfig(Frozen):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    width: int = Field(gt=0)
+    seed: int = Field(ge=0)
+
+
+class TrainConfig(Frozen):
+    """Fields every model family shares; each family's module extends it."""
+
+    family: str
+    image_size: Literal[28, 64]
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    seed: int = Field(ge=0)
+    log_every: int = Field(gt=0)
+    checkpoint_every: int = Field(gt=0)
+
+
+class EvaluateConfig(Frozen):
+    metrics: list[str] = Field(min_length=1)
+    num_samples: int = Field(gt=1)
+    kid_subset_size: int = Field(gt=1)
+    grid_size: int = Field(gt=0, le=256)
+    seed: int = Field(ge=0)
+
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: list[str]) -> list[str]:
+        from components.evaluation.metrics import METRICS
+
+        unknown = [m for m in value if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; valid: {METRICS.names()}")
+        return value
+
+
+class RegistryConfig(Frozen):
+    gating_metric: Literal["fid", "kid"]
+    min_improvement: float = Field(ge=0)
+
+
+class Params(Frozen):
+    data: DataConfig
+    classifier: ClassifierConfig
+    train: dict[str, TrainConfig]
+    evaluate: EvaluateConfig
+    registry: RegistryConfig
+
+    def model(self, name: str) -> TrainConfig:
+        if name not in self.train:
+            raise ConfigError(f"train.{name}: no such model in {PARAMS_FILE}; configured: {sorted(self.train)}")
+        return self.train[name]
+
+
+_RULES = {
+    "greater_than": lambda c: f"must be > {c['gt']}",
+    "greater_than_equal": lambda c: f"must be >= {c['ge']}",
+    "less_than": lambda c: f"must be < {c['lt']}",
+    "less_than_equal": lambda c: f"must be <= {c['le']}",
+    "literal_error": lambda c: f"must be one of {c['expected']}",
+    "string_pattern_mismatch": lambda c: f"must match {c['pattern']}",
+}
+
+
+def _describe(err: dict, prefix: tuple = ()) -> str:
+    path = ".".join(str(p) for p in (*prefix, *err["loc"]))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key; remove it or fix its spelling"
+    if kind == "missing":
+        return f"{path}: missing; add it to {PARAMS_FILE}"
+    rule = _RULES[kind](err.get("ctx", {})) if kind in _RULES else err["msg"].removeprefix("Value error, ")
+    return f"{path}: {rule}, got {err['input']!r}"
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping; raise ConfigError listing every problem."""
+    from components.models import FAMILIES
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{PARAMS_FILE}: must be a mapping of sections, got {type(raw).__name__}")
+    problems: list[str] = []
+    train_raw = raw.get("train")
+    train: dict[str, TrainConfig] = {}
+    if isinstance(train_raw, dict):
+        for name, section in train_raw.items():
+            family = section.get("family") if isinstance(section, dict) else None
+            if family not in FAMILIES:
+                problems.append(f"train.{name}.family: must be one of {FAMILIES.names()}, got {family!r}")
+                continue
+            try:
+                train[name] = FAMILIES.get(family).config.model_validate(section)
+            except ValidationError as exc:
+                problems += [_describe(e, ("train", name)) for e in exc.errors()]
+    try:
+        params = Params.model_validate({**raw, "train": train} if isinstance(train_raw, dict) else raw)
+    except ValidationError as exc:
+        problems += [_describe(e) for e in exc.errors()]
+    if problems:
+        raise ConfigError("invalid parameters:\n  " + "\n  ".join(problems))
+    return params
+
+
+def _yaml() -> YAML:
+    yaml = YAML()  # round-trip: keeps the comments of params.yaml when overrides are written back
+    yaml.preserve_quotes = True
+    return yaml
+
+
+def read_params_raw(path: str | os.PathLike = PARAMS_FILE) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run from the project folder that holds {PARAMS_FILE}")
+    try:
+        return _yaml().load(path.read_text())
+    except Exception as exc:  # ruamel raises many error types; all mean the same to the user
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
+    return parse_params(read_params_raw(path))
+
+
+def apply_overrides(raw: Any, overrides: list[str]) -> Any:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a raw params mapping, in place."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.dcgan.epochs=1")
+        *parents, leaf = key.split(".")
+        node = raw
+        for i, part in enumerate(parents):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"--set {key}: unknown key {'.'.join(parents[: i + 1])}")
+            node = node[part]
+        if not isinstance(node, dict) or leaf not in node:
+            raise ConfigError(f"--set {key}: unknown key; see {PARAMS_FILE} for the valid ones")
+        node[leaf] = YAML(typ="safe").load(text)
+    return raw
+
+
+def write_params_raw(raw: Any, path: str | os.PathLike = PARAMS_FILE) -> None:
+    """Atomically rewrite params.yaml (so DVC sees the same values the run used)."""
+    path = Path(path)
+    buf = io.StringIO()
+    _yaml().dump(raw, buf)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def config_hash(*configs: BaseModel) -> str:
+    """Stable short hash of resolved configs, recorded as lineage."""
+    blob = json.dumps([c.model_dump(mode="json") for c in configs], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,103 @@
+"""Load one image file as a uint8 C×H×W array, or reject it with a reason a person can act on.
+
+Checks, in order: the header decodes; width*height from the header is at most data.max_pixels
+(checked before any pixel is decoded, so a decompression bomb costs nothing); the file is complete
+(PIL's verify() on one open, then a full load() on a fresh one); the mode and size rules below.
+
+Mode rule: the result has data.channels channels, "L" (grayscale) for 1 and "RGB" for 3. Images
+with an alpha channel are composited on black first; palette images go through RGB (or RGBA when
+the palette has transparency), so a transparent palette entry also ends up black.
+
+Size rule: an image must be data.image_size × data.image_size. With data.resize true, other sizes
+are scaled (bicubic) so the shorter side equals image_size and then centre-cropped; with
+data.resize false they are rejected.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    from components.config import DataConfig
+
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+class ImageRejected(Exception):
+    """An image that cannot be used; `reason` says why, in words meant for the report."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _open(path: Path) -> Image.Image:
+    # PIL's own bomb check runs inside Image.open; turn its warning into an error so both
+    # its levels (warning above MAX_IMAGE_PIXELS, error above twice that) become a rejection.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRejected(f"decompression bomb: {exc}") from None
+        except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError from broken headers
+            raise ImageRejected(f"not a decodable image: {exc}") from None
+
+
+def _check_header(path: Path, max_pixels: int) -> None:
+    with _open(path) as img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageRejected(f"decompression bomb: {w}x{h} = {w * h} pixels > data.max_pixels {max_pixels}")
+        if w == 0 or h == 0:
+            raise ImageRejected(f"not a decodable image: empty size {w}x{h}")
+        try:
+            img.verify()
+        except Exception as exc:
+            raise ImageRejected(f"truncated or corrupt: {exc}") from None
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "L" and "transparency" in img.info:
+        img = img.convert("LA")
+    elif img.mode == "RGB" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (0, 0, 0))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def _fit(img: Image.Image, size: int, resize: bool) -> Image.Image:
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    if not resize:
+        raise ImageRejected(f"size {w}x{h}, expected {size}x{size} (set data.resize: true to resize)")
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image(path: str | Path, cfg: DataConfig) -> np.ndarray:
+    """Decode, check and convert one image file; raise ImageRejected with the reason if unusable."""
+    path = Path(path)
+    _check_header(path, cfg.max_pixels)
+    with _open(path) as img:
+        try:
+            img.load()
+        except Exception as exc:
+            raise ImageRejected(f"truncated or corrupt: {exc}") from None
+        img = _fit(_to_mode(img, cfg.channels), cfg.image_size, cfg.resize)
+    pixels = np.asarray(img, dtype=np.uint8)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return np.ascontiguousarray(pixels)

@@ -1,0 +1,1 @@
+"""Judging generative models: the evaluator classifier, metrics (FID, KID, …) and sample grids."""

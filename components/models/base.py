@@ -1,0 +1,57 @@
+"""The interface every generative family offers the trainer, evaluator and registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from components.registry import Registry
+
+
+@dataclass
+class StepOutput:
+    """What one training phase returns: the loss to backpropagate and values worth logging."""
+
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    config: type  # a components.config.TrainConfig subclass
+    build: Callable[..., "GenerativeModel"]  # (cfg, channels, num_classes) -> model
+
+
+FAMILIES: Registry[Family] = Registry("model family")
+
+
+class GenerativeModel(nn.Module):
+    """A model that trains in named phases and samples images in [-1, 1].
+
+    The trainer only walks `training_losses`: for each (phase, output) it yields, the trainer
+    zeroes that phase's optimizer, backpropagates output.loss and steps. A generator function lets
+    a GAN reuse one batch of fakes for its D and G phases, with D updated before G's loss is built.
+    """
+
+    conditional = False
+    image_size: int
+    channels: int
+    latent_dim: int
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def training_losses(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[str, StepOutput]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def noise(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.latent_dim, generator=generator)  # drawn on the CPU: same seed, same images on any device
+        return z.to(device)

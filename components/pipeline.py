@@ -1,0 +1,114 @@
+"""The DVC stages' work, one function each: read inputs from explicit paths, call the pure
+components, write outputs atomically. The `genpipe` CLI calls these; so does `dvc repro`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from components.config import Params, config_hash
+from components.data.pack import MANIFEST, load_split, read_manifest
+from components.state import checkpoint_path, device
+from components.training.checkpoint import load_weights, save_weights, write_json
+
+
+@contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary folder that replaces out_dir only if the block succeeds."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dataset_version(data_dir: Path) -> str:
+    """Content hash of the packed dataset's manifest (it lists every item's sha256)."""
+    return hashlib.sha256((Path(data_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
+
+
+def ingest_stage(params: Params, out_dir: Path, metrics_path: Path) -> dict:
+    from components.data.ingest import ingest
+
+    summary = ingest(params.data, Path(out_dir))
+    write_json(summary, Path(metrics_path))
+    return summary
+
+
+def classifier_stage(params: Params, data_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
+    from components.evaluation.classifier import accuracy, train_classifier
+
+    manifest = read_manifest(data_dir)
+    images, labels = load_split(data_dir, "train")
+    test_images, test_labels = load_split(data_dir, "test")
+    num_classes = len(manifest["classes"])
+    model = train_classifier(images, labels, num_classes, params.classifier, device())
+    metrics = {"test_accuracy": accuracy(model, test_images, test_labels)}
+    print(f"classifier test accuracy: {metrics['test_accuracy']:.4f}")
+    with staged_dir(out_dir) as tmp:
+        save_weights(model, tmp / "classifier.safetensors")
+        write_json({"channels": images.shape[1], "num_classes": num_classes, "width": params.classifier.width,
+                    "dataset_version": dataset_version(data_dir)}, tmp / "classifier.json")
+    write_json(metrics, Path(metrics_path))
+    return metrics
+
+
+def load_classifier(classifier_dir: Path):
+    from components.evaluation.classifier import Classifier
+
+    spec = json.loads((Path(classifier_dir) / "classifier.json").read_text())
+    model = Classifier(spec["channels"], spec["num_classes"], spec["width"])
+    return load_weights(model, Path(classifier_dir) / "classifier.safetensors").to(device()).eval()
+
+
+def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
+    from components.models import build_model
+    from components.tracking.model_files import save_trained_model
+    from components.tracking.runs import training_run
+    from components.training.trainer import Trainer
+
+    cfg = params.model(name)
+    manifest = read_manifest(data_dir)
+    images, labels = load_split(data_dir, "train")
+    channels, classes = images.shape[1], manifest["classes"]
+    model = build_model(cfg, channels, len(classes))
+    registered_name = f"{params.data.name}-{name}"
+    data_version = dataset_version(data_dir)
+    tags = {"genpipe.stage": f"train@{name}", "genpipe.dataset_version": data_version,
+            "genpipe.params_hash": config_hash(cfg), "genpipe.family": cfg.family}
+    with training_run(registered_name, run_name=f"train-{name}", params=cfg.model_dump(), tags=tags) as log_metrics:
+        trainer = Trainer(model, cfg, checkpoint_path=checkpoint_path(registered_name),
+                          resume_key=data_version, log_fn=log_metrics, device=device())
+        metrics = trainer.fit(images, labels)
+        spec = {"family": cfg.family, "config": cfg.model_dump(mode="json"), "channels": channels,
+                "num_classes": len(classes), "classes": classes, "dataset": params.data.name,
+                "dataset_version": data_version, "steps": trainer.step}
+        with staged_dir(out_dir) as tmp:
+            save_trained_model(model, spec, tmp)
+            write_json({"run_id": log_metrics.run_id, "experiment": registered_name}, tmp / "run.json")
+    write_json(metrics, Path(metrics_path))
+    return metrics
+
+
+def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Path, model_dir: Path,
+                   out_dir: Path) -> dict:
+    from components.evaluation.evaluate import evaluate_model
+    from components.tracking.model_files import load_trained_model
+
+    model = load_trained_model(Path(model_dir), device=str(device()))
+    classifier = load_classifier(classifier_dir)
+    real, _ = load_split(data_dir, "test")
+    with staged_dir(out_dir) as tmp:
+        metrics = evaluate_model(model, classifier, real, params.evaluate, grid_path=tmp / "grid.png")
+        write_json(metrics, tmp / "metrics.json")
+    print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics

@@ -1,0 +1,1 @@
+"""MLflow: training runs with live metrics, the pyfunc that serves samples, registry and promotion."""

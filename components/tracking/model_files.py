@@ -1,0 +1,23 @@
+"""A trained model on disk: model.safetensors (weights) + model.json (family, config, data)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from components.models import FAMILIES, GenerativeModel
+from components.training.checkpoint import load_weights, save_weights, write_json
+
+
+def save_trained_model(model: GenerativeModel, spec: dict, out_dir: Path) -> None:
+    save_weights(model, out_dir / "model.safetensors")
+    write_json(spec, out_dir / "model.json")
+
+
+def load_trained_model(model_dir: Path, device: str = "cpu") -> GenerativeModel:
+    spec_path = model_dir / "model.json"
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"{spec_path}: missing; train the model first (genpipe train NAME)")
+    spec = json.loads(spec_path.read_text())
+    family = FAMILIES.get(spec["family"])
+    model = family.build(family.config.model_validate(spec["config"]), spec["channels"], spec["num_classes"])
+    return load_weights(model, model_dir / "model.safetensors").to(device).eval()

@@ -1,0 +1,1 @@
+"""The generic trainer and the stage function that trains one configured model."""

@@ -1,0 +1,1 @@
+"""DVC: the stage graph, reproducing one stage, pushing artefacts, reading locked hashes."""

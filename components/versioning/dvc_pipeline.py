@@ -1,0 +1,63 @@
+"""Thin helpers over DVC's Python API. dvc.yaml is the DAG; these read it, never restate it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+LOCK_FILE = "dvc.lock"
+
+
+def open_repo(root: str | Path = "."):
+    from dvc.repo import Repo
+
+    return Repo(str(root))
+
+
+def stage_order(repo) -> list[str]:
+    """Every pipeline stage's address (e.g. 'train@vae'), each after the stages it depends on."""
+    import networkx as nx
+
+    graph = repo.index.graph  # edges point from a stage to the stages it depends on
+    return [stage.addressing for stage in reversed(list(nx.topological_sort(graph))) if stage.cmd]
+
+
+def reproduce_stage(repo, addressing: str) -> bool:
+    """Run one stage if DVC sees a change in its deps, params or outs; True when it ran.
+
+    DVC deletes a stage's outs before running it; if the command fails, the outs of the last
+    good run are checked out of the cache again, so a failed stage leaves the workspace as it was.
+    """
+    try:
+        return bool(repo.reproduce(addressing, single_item=True))
+    except Exception:
+        try:
+            repo.checkout(targets=[addressing], force=True)
+        except Exception as restore_error:  # nothing committed yet: nothing to restore
+            print(f"could not restore the previous outputs of {addressing}: {restore_error}")
+        raise
+
+
+def push(repo) -> int:
+    """Push every cached output to the default remote; returns the number of files sent."""
+    return repo.push()
+
+
+def stage_paths(repo, addressing: str) -> dict[str, Path]:
+    """Paths of a stage's outputs keyed by role: 'out' for cached outs, 'metrics' for metric files."""
+    stage = next(s for s in repo.index.stages if s.addressing == addressing)
+    paths: dict[str, Path] = {}
+    for out in stage.outs:
+        role = "metrics" if out.metric else "out"
+        paths.setdefault(role, Path(out.fs_path))
+    return paths
+
+
+def locked_md5(root: str | Path, addressing: str, path: str | Path) -> str:
+    """The hash dvc.lock records for one output of a stage (a folder's hash ends in '.dir')."""
+    lock = yaml.safe_load((Path(root) / LOCK_FILE).read_text())
+    rel = Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    for out in lock["stages"][addressing]["outs"]:
+        if out["path"] == rel:
+            return out["md5"]
+    raise KeyError(f"{LOCK_FILE}: no output {rel} for stage {addressing}; run the pipeline first")

@@ -1,0 +1,1 @@
+"""Prefect flows and the genpipe CLI: thin wiring around components/."""

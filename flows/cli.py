@@ -1,0 +1,151 @@
+"""`genpipe`: the pipeline's stage commands (what dvc.yaml runs), the retrain flow, and tools to
+look at results. Values come from params.yaml only; paths come from the command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _params(overrides: list[str] | None = None, write: bool = False):
+    from components.config import apply_overrides, parse_params, read_params_raw, write_params_raw
+
+    raw = read_params_raw()
+    if overrides:
+        apply_overrides(raw, overrides)
+    params = parse_params(raw)  # validate before anything is written
+    if overrides and write:
+        write_params_raw(raw)
+    return params
+
+
+def cmd_ingest(args) -> None:
+    from components.pipeline import ingest_stage
+
+    ingest_stage(_params(), args.out, args.metrics)
+
+
+def cmd_classifier(args) -> None:
+    from components.pipeline import classifier_stage
+
+    classifier_stage(_params(), args.data, args.out, args.metrics)
+
+
+def cmd_train(args) -> None:
+    from components.pipeline import train_stage
+
+    train_stage(_params(), args.model, args.data, args.out, args.metrics)
+
+
+def cmd_evaluate(args) -> None:
+    from components.pipeline import evaluate_stage
+
+    evaluate_stage(_params(), args.model, args.data, args.classifier, args.model_dir, args.out)
+
+
+def cmd_retrain(args) -> None:
+    _params(args.set, write=True)  # overrides go to params.yaml, so DVC records what actually ran
+    from flows.retrain import retrain
+
+    for r in retrain():
+        print(f"{r.name}: version {r.version}, {r.decision} — {r.reason}")
+
+
+def cmd_params(args) -> None:
+    import json
+
+    params = _params(args.set)
+    print(json.dumps(params.model_dump(mode="json"), indent=2))
+
+
+def cmd_sample(args) -> None:
+    import mlflow.pyfunc
+    import torch
+
+    from components.evaluation.grid import save_grid
+
+    name, _, alias = args.model.partition("@")
+    uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/latest"
+    request = {"count": args.n, "seed": args.seed}
+    if args.labels:
+        request["labels"] = [int(v) for v in args.labels.split(",")]
+    images = mlflow.pyfunc.load_model(uri).predict(request)
+    save_grid(torch.from_numpy(images), Path(args.out))
+    print(f"wrote {images.shape[0]} samples from {uri} to {args.out}")
+
+
+def cmd_ui(args) -> None:
+    from components.state import mlflow_artifact_root, mlflow_tracking_uri
+
+    uri = mlflow_tracking_uri()
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    if mlflow_artifact_root():
+        command += ["--default-artifact-root", mlflow_artifact_root()]
+    print(f"MLflow UI for {uri}\n  open http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    os.execv(sys.executable, command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("ingest", cmd_ingest, "validate and pack the configured data source (stage 'ingest')")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--metrics", type=Path, required=True)
+    p = add("classifier", cmd_classifier, "train the evaluator classifier (stage 'classifier')")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--metrics", type=Path, required=True)
+    p = add("train", cmd_train, "train one model of params.yaml's train section (stage 'train@NAME')")
+    p.add_argument("model")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--metrics", type=Path, required=True)
+    p = add("evaluate", cmd_evaluate, "score one trained model and draw its grid (stage 'evaluate@NAME')")
+    p.add_argument("model")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--classifier", type=Path, required=True)
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    for name, func, text in [("retrain", cmd_retrain, "run the whole pipeline as a Prefect flow, then register"),
+                             ("params", cmd_params, "validate params.yaml (with overrides) and print it resolved")]:
+        p = add(name, func, text)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a parameter, e.g. train.dcgan.epochs=1 (retrain writes it to params.yaml)")
+    p = add("sample", cmd_sample, "generate a grid from a registered model")
+    p.add_argument("--model", required=True, help="NAME@ALIAS, e.g. fashion-mnist-dcgan@champion")
+    p.add_argument("-n", type=int, default=64, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels", help="comma-separated class ids, conditional models only")
+    p.add_argument("--out", type=Path, required=True)
+    p = add("ui", cmd_ui, "serve the MLflow UI over genpipe's tracking store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from components.config import ConfigError
+    from components.data.sources import DataError
+    from components.state import configure_environment
+
+    configure_environment()
+    # Stage commands run by DVC must find this same `genpipe`.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    try:
+        args.func(args)
+    except (ConfigError, DataError) as exc:
+        print(f"genpipe: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
