@@ -107,10 +107,10 @@ class Params(Frozen):
 
 
 _RULES = {
-    "greater_than": lambda c: f"must be > {c['gt']}",
-    "greater_than_equal": lambda c: f"must be >= {c['ge']}",
-    "less_than": lambda c: f"must be < {c['lt']}",
-    "less_than_equal": lambda c: f"must be <= {c['le']}",
+    "greater_than": lambda c: f"must be > {c['gt']:g}",
+    "greater_than_equal": lambda c: f"must be >= {c['ge']:g}",
+    "less_than": lambda c: f"must be < {c['lt']:g}",
+    "less_than_equal": lambda c: f"must be <= {c['le']:g}",
     "literal_error": lambda c: f"must be one of {c['expected']}",
     "string_pattern_mismatch": lambda c: f"must match {c['pattern']}",
 }
@@ -139,7 +139,7 @@ def parse_params(raw: Any) -> Params:
     if isinstance(train_raw, dict):
         for name, section in train_raw.items():
             family = section.get("family") if isinstance(section, dict) else None
-            if family not in FAMILIES:
+            if not isinstance(family, str) or family not in FAMILIES:
                 problems.append(f"train.{name}.family: must be one of {FAMILIES.names()}, got {family!r}")
                 continue
             try:

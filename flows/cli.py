@@ -48,7 +48,9 @@ def cmd_retrain(args) -> None:
     _params(args.set, write=True)  # overrides go to params.yaml, so DVC records what actually ran
     from flows.retrain import retrain
 
-    for r in retrain():
+    result = retrain()
+    print(f"stages run: {', '.join(result.stages_run) or 'none (everything up to date)'}")
+    for r in result.registrations:
         print(f"{r.name}: version {r.version}, {r.decision} — {r.reason}")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -10,6 +11,12 @@ from prefect.cache_policies import NONE
 from components.config import load_params
 from components.tracking.registry import Registration, register_model
 from components.versioning import dvc_pipeline as dvc
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    stages_run: list[str]
+    registrations: list[Registration]
 
 
 @task(cache_policy=NONE, task_run_name="{addressing}")
@@ -48,13 +55,12 @@ def register(model: str) -> Registration:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain() -> list[Registration]:
+def retrain() -> RetrainResult:
     """Ingest → classifier → train → evaluate (as DVC decides) → push → register."""
     params = load_params()  # fail on bad params before any work starts
-    for addressing in dvc.stage_order(dvc.open_repo()):
-        run_stage(addressing)
+    ran = [addressing for addressing in dvc.stage_order(dvc.open_repo()) if run_stage(addressing)]
     push_artifacts()
-    return [register(model) for model in params.train]
+    return RetrainResult(stages_run=ran, registrations=[register(model) for model in params.train])
 
 
 def _params_hash(params, model: str) -> str:

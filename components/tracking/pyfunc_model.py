@@ -22,7 +22,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         self.model = load_trained_model(Path(context.artifacts["model_dir"]))
         self.spec = json.loads((Path(context.artifacts["model_dir"]) / "model.json").read_text())
 
-    def predict(self, context, model_input: Any, params: dict | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would build a schema from them
         """Request {"count": N, "seed": S, "labels": [...] (conditional models only)}
         → uint8 array N×C×H×W. A one-row DataFrame with those columns works too."""
         import torch
@@ -46,13 +46,19 @@ def parse_request(request: Any) -> tuple[int, int, list[int] | None]:
     if unknown:
         raise ValueError(f"unknown request field(s) {sorted(unknown)}; valid: count, seed, labels")
     count, seed = request.get("count", 16), request.get("seed", 0)
-    if not isinstance(count, (int, np.integer)) or not 1 <= count <= MAX_COUNT:
+    if not _is_int(count) or not 1 <= count <= MAX_COUNT:
         raise ValueError(f"count: must be an integer in 1..{MAX_COUNT}, got {count!r}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
     labels = request.get("labels")
     if labels is not None:
+        if isinstance(labels, (str, bytes)) or not all(_is_int(v) for v in labels):
+            raise ValueError(f"labels: must be a list of integer class ids, got {labels!r}")
         labels = [int(v) for v in labels]
         if len(labels) != count:
             raise ValueError(f"labels: need one per image ({count}), got {len(labels)}")
     return int(count), int(seed), labels
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -39,7 +39,7 @@ def _champion(c, name: str):
 
 
 def decide(metric: str, new_value: float, champion_value: float | None, margin: float) -> tuple[bool, str]:
-    """Whether a challenger takes `champion`: lower `metric` by at least `margin`."""
+    """Whether a challenger takes `champion`: `metric` lower by more than `margin`."""
     if champion_value is None:
         return True, f"first version: no champion yet ({metric} {new_value:.4g})"
     if new_value < champion_value - margin:
@@ -53,13 +53,11 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
     then move aliases. Nothing in the registry changes until the version exists completely."""
     import mlflow
 
-    from components.tracking.pyfunc_model import GeneratorModel
-
     c = client()
     mlflow.set_tracking_uri(c.tracking_uri)
     existing = _find_version(c, name, lineage["model_md5"])
     if existing is not None:
-        return Registration(name, existing.version, "unchanged", "this model artefact is registered already")
+        return Registration(name, str(existing.version), "unchanged", "this model artefact is registered already")
 
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     if cfg.gating_metric not in metrics:
@@ -74,7 +72,7 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
         mlflow.log_artifact(str(eval_dir / "grid.png"), artifact_path="eval")
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=GeneratorModel(),
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # models-from-code: nothing pickled
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(Path(__file__).resolve().parents[1])],  # the components package
             pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in REQUIREMENTS],
@@ -92,7 +90,7 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
         c.set_registered_model_alias(name, CHALLENGER, mv.version)
     if promote:
         c.set_registered_model_alias(name, CHAMPION, mv.version)
-    return Registration(name, mv.version, decision, reason)
+    return Registration(name, str(mv.version), decision, reason)
 
 
 def _run_exists(c, run_id: str) -> bool:

@@ -74,6 +74,7 @@ class Trainer:
         total = steps_per_epoch * cfg.epochs
         order = torch.Generator().manual_seed(cfg.seed)
         sums: dict[str, torch.Tensor] = {}
+        window_steps = 0
         last: dict[str, float] = {}
         self.model.train()
         bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
@@ -93,14 +94,14 @@ class Trainer:
                     for k, v in out.logs.items():
                         sums[k] = sums.get(k, 0) + v.detach()
                 self.step += 1
+                window_steps += 1
                 window_images += x.shape[0]
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == total:
-                    n = self.step % cfg.log_every or cfg.log_every
-                    last = {k: float(v) / n for k, v in sums.items()}
+                    last = {k: float(v) / window_steps for k, v in sums.items()}
                     last["images_per_sec"] = window_images / (time.perf_counter() - window_start)
                     last["epoch"] = epoch + (i + 1) / steps_per_epoch
-                    sums, window_start, window_images = {}, time.perf_counter(), 0
+                    sums, window_steps, window_start, window_images = {}, 0, time.perf_counter(), 0
                     bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k != "epoch"})
                     if self.log_fn is not None:
                         self.log_fn(last, self.step)

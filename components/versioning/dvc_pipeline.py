@@ -11,7 +11,9 @@ LOCK_FILE = "dvc.lock"
 def open_repo(root: str | Path = "."):
     from dvc.repo import Repo
 
-    return Repo(str(root))
+    repo = Repo(str(root))
+    repo.scm_context.quiet = True  # no "git add dvc.lock" hints in every task's log
+    return repo
 
 
 def stage_order(repo) -> list[str]:

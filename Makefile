@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make run` (set up, then the pipeline) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip -qq --disable-pip-version-check
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DVC_NO_ANALYTICS ?= 1
+
+.PHONY: run test setup data bench ui clean
+
+run: setup
+	$(BIN)/genpipe retrain
+
+test: setup
+	$(BIN)/pytest -q
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e '.[test]'
+	touch $@
+
+data: $(STAMP)
+	@bash infra/get-demo-data.sh $(BIN)/python
+
+bench: setup
+	$(BIN)/python benchmarks/bench_trainer.py
+
+ui: setup
+	$(BIN)/genpipe ui
+
+clean:  # runtime state and pipeline outputs; the venv stays
+	rm -rf .genpipe artifacts dvc.lock

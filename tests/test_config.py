@@ -1,0 +1,219 @@
+"""params.yaml → typed, frozen config: the shipped file loads; every error names its key path and rule."""
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from components.config import (
+    ConfigError,
+    apply_overrides,
+    load_params,
+    parse_params,
+    read_params_raw,
+    write_params_raw,
+)
+from components.evaluation.metrics import METRICS
+from components.data.sources import SOURCES
+from components.models import FAMILIES
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+@pytest.fixture
+def raw():
+    """A fresh, mutable copy of the shipped params (ruamel round-trip objects, plain-dict compatible)."""
+    return read_params_raw(PARAMS)
+
+
+def problems_of(raw) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    return str(info.value)
+
+
+def test_shipped_params_load():
+    params = load_params(PARAMS)
+    assert set(params.train) == {"vae", "dcgan"}
+    assert params.model("vae").family == "vae"
+    assert params.model("dcgan").family == "dcgan"
+    assert type(params.model("dcgan")).__name__ == "DCGANConfig"  # the family's own config class
+    assert params.model("dcgan").ngf == 64
+    assert params.evaluate.metrics == ["fid", "kid", "class_coverage", "recon_mse"]
+    assert params.registry.gating_metric == "fid"
+
+
+def test_unknown_model_name_is_config_error():
+    params = load_params(PARAMS)
+    with pytest.raises(ConfigError, match=r"train\.nope: no such model.*'dcgan', 'vae'"):
+        params.model("nope")
+
+
+def test_missing_file_names_path(tmp_path):
+    missing = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError, match="absent.yaml: not found"):
+        load_params(missing)
+
+
+def test_invalid_yaml_names_path(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
+        load_params(bad)
+
+
+def test_negative_lr_names_path_and_rule(raw):
+    raw["train"]["vae"]["lr"] = -1
+    assert "train.vae.lr: must be > 0, got -1" in problems_of(raw)
+
+
+def test_rule_bound_printed_as_written(raw):
+    raw["train"]["vae"]["lr"] = -1
+    assert "train.vae.lr: must be > 0, got -1" in problems_of(raw)
+
+
+def test_unknown_key_names_path(raw):
+    raw["train"]["dcgan"]["lrr"] = 0.1
+    assert "train.dcgan.lrr: unknown key" in problems_of(raw)
+
+
+def test_unknown_top_level_key(raw):
+    raw["extra_section"] = {}
+    assert "extra_section: unknown key" in problems_of(raw)
+
+
+def test_unknown_family_lists_valid_families(raw):
+    raw["train"]["vae"]["family"] = "diffusion"
+    message = problems_of(raw)
+    assert "train.vae.family: must be one of" in message
+    for name in FAMILIES.names():
+        assert name in message
+    assert "'diffusion'" in message
+
+
+def test_missing_key_reported(raw):
+    del raw["train"]["vae"]["beta"]
+    assert "train.vae.beta: missing" in problems_of(raw)
+
+
+def test_missing_section_reported(raw):
+    del raw["registry"]
+    assert "registry: missing" in problems_of(raw)
+
+
+def test_unknown_metric_lists_valid(raw):
+    raw["evaluate"]["metrics"] = ["fid", "inception_score"]
+    message = problems_of(raw)
+    assert "evaluate.metrics:" in message
+    assert "inception_score" in message
+    for name in METRICS.names():
+        assert name in message
+
+
+def test_unknown_source_lists_valid(raw):
+    raw["data"]["source"] = "imagenet"
+    message = problems_of(raw)
+    assert "data.source: must be one of" in message
+    for name in SOURCES.names():
+        assert name in message
+
+
+def test_literal_rule_names_choices(raw):
+    raw["train"]["dcgan"]["image_size"] = 32
+    assert "train.dcgan.image_size: must be one of 28 or 64, got 32" in problems_of(raw)
+
+
+def test_all_problems_reported_at_once(raw):
+    raw["train"]["vae"]["lr"] = -1
+    raw["train"]["dcgan"]["lrr"] = 0.1
+    raw["data"]["channels"] = 2
+    raw["evaluate"]["grid_size"] = 0
+    raw["classifier"]["epochs"] = 0
+    message = problems_of(raw)
+    for expected in ("train.vae.lr:", "train.dcgan.lrr:", "data.channels:", "evaluate.grid_size:",
+                     "classifier.epochs:"):
+        assert expected in message, (expected, message)
+    # Unaffected sections are not blamed.
+    assert "registry." not in message
+
+
+def test_not_a_mapping():
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_params(["data"])
+
+
+def test_override_changes_value_and_parses_yaml_types(raw):
+    apply_overrides(raw, ["train.dcgan.epochs=1", "train.vae.lr=5e-4", "data.limit_per_split=null",
+                          "data.resize=false", "evaluate.metrics=[fid, kid]"])
+    assert raw["train"]["dcgan"]["epochs"] == 1 and isinstance(raw["train"]["dcgan"]["epochs"], int)
+    assert raw["train"]["vae"]["lr"] == pytest.approx(5e-4) and isinstance(raw["train"]["vae"]["lr"], float)
+    assert raw["data"]["limit_per_split"] is None
+    assert raw["data"]["resize"] is False
+    params = parse_params(raw)
+    assert params.model("dcgan").epochs == 1
+    assert params.evaluate.metrics == ["fid", "kid"]
+
+
+def test_override_value_may_contain_equals_sign(raw):
+    apply_overrides(raw, ["data.name=a=b"])
+    assert raw["data"]["name"] == "a=b"
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.dcgan.lrr=1", "train.dcgan.lrr"),
+    ("train.gan.epochs=1", "train.gan"),
+    ("nosection.key=1", "nosection"),
+])
+def test_override_unknown_key_raises_naming_it(raw, override, named):
+    before = copy.deepcopy(dict(raw))
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        apply_overrides(raw, [override])
+    assert dict(raw).keys() == before.keys()
+
+
+@pytest.mark.parametrize("override", ["train.dcgan.epochs", "=1", ""])
+def test_malformed_override_raises(raw, override):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides(raw, [override])
+
+
+def test_out_of_range_override_fails_validation(raw):
+    apply_overrides(raw, ["train.dcgan.epochs=0"])
+    assert "train.dcgan.epochs: must be > 0, got 0" in problems_of(raw)
+
+
+def test_configs_are_frozen():
+    params = load_params(PARAMS)
+    with pytest.raises(pydantic.ValidationError):
+        params.model("vae").lr = 1.0
+    with pytest.raises(pydantic.ValidationError):
+        params.data.channels = 3
+    with pytest.raises(pydantic.ValidationError):
+        params.registry = None
+
+
+def test_write_params_raw_round_trip_keeps_comments(tmp_path):
+    path = tmp_path / "params.yaml"
+    shutil.copy(PARAMS, path)
+    comment = "# a challenger becomes champion only if lower by more than min_improvement"
+    assert comment in path.read_text()
+
+    raw = read_params_raw(path)
+    apply_overrides(raw, ["train.dcgan.epochs=3"])
+    write_params_raw(raw, path)
+
+    text = path.read_text()
+    assert comment in text
+    assert "# genpipe parameters" in text  # the header comment too
+    assert load_params(path).model("dcgan").epochs == 3
+    assert load_params(path).model("vae").epochs == load_params(PARAMS).model("vae").epochs
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]  # no temp file left behind
+
+
+def test_unhashable_family_is_config_error(raw):
+    raw["train"]["vae"]["family"] = ["vae"]
+    assert "train.vae.family: must be one of" in problems_of(raw)

@@ -1,0 +1,157 @@
+"""One end-to-end story on a tiny Fashion-MNIST subset, through the real Prefect engine, MLflow
+(SQLite) and DVC (local remote): first run, no-change rerun, one model's params changed, and a
+failing stage that must leave artefacts and registry as they were."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.config import apply_overrides, read_params_raw, write_params_raw
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+TINY = [
+    "data.limit_per_split=160",
+    "classifier.epochs=1", "classifier.batch_size=32",
+    "train.vae.epochs=1", "train.vae.batch_size=32", "train.vae.log_every=2", "train.vae.checkpoint_every=3",
+    "train.dcgan.epochs=1", "train.dcgan.batch_size=32", "train.dcgan.log_every=2", "train.dcgan.checkpoint_every=3",
+    "train.dcgan.ngf=16", "train.dcgan.ndf=16",
+    "evaluate.num_samples=100", "evaluate.kid_subset_size=50", "evaluate.grid_size=16",
+]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+                       reason="demo data missing: `make data` installs dataset-fashion-mnist"),
+]
+
+
+def set_params(workspace: Path, overrides: list[str]) -> None:
+    path = workspace / "params.yaml"
+    write_params_raw(apply_overrides(read_params_raw(path), overrides), path)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A fresh project checkout (git + DVC) with tiny params, its state in its own .genpipe."""
+    ws = tmp_path_factory.mktemp("workspace")
+    for name in ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]:
+        shutil.copy(REPO / name, ws / name)
+    shutil.copytree(REPO / ".dvc", ws / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    shutil.copytree(REPO / "components", ws / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    set_params(ws, TINY)
+    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.update({
+        "GENPIPE_HOME": str(ws / ".genpipe"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{ws / '.genpipe' / 'mlflow' / 'mlflow.db'}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # stage commands call `genpipe`
+        "DVC_NO_ANALYTICS": "1",
+    })
+    (ws / ".genpipe" / "mlflow").mkdir(parents=True)
+    os.chdir(ws)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield ws
+    os.chdir(saved_cwd)
+    os.environ.clear()
+    os.environ.update(saved_env)
+
+
+@pytest.fixture(scope="module")
+def client(workspace):
+    from mlflow import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def run_retrain():
+    from flows.retrain import retrain
+
+    return retrain()
+
+
+def by_name(result) -> dict:
+    return {r.name: r for r in result.registrations}
+
+
+def test_first_run_trains_evaluates_registers_and_pushes(workspace, client):
+    result = run_retrain()
+
+    assert set(result.stages_run) == {"ingest", "classifier", "train@vae", "train@dcgan", "evaluate@vae", "evaluate@dcgan"}
+    assert result.stages_run.index("ingest") < result.stages_run.index("train@vae") < result.stages_run.index("evaluate@vae")
+    for name in ["fashion-mnist-vae", "fashion-mnist-dcgan"]:
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert str(champion.version) == "1"
+        for tag in ["dataset_version", "model_md5", "params_hash", "git_commit", "training_run_id",
+                    "promotion.decision", "promotion.reason", "metric.fid"]:
+            assert champion.tags.get(tag), f"{name} v1 lacks tag {tag}"
+        run = client.get_run(champion.tags["training_run_id"])
+        assert "eval.fid" in run.data.metrics and run.info.status == "FINISHED"
+        assert client.get_metric_history(run.info.run_id, "images_per_sec"), "no live training metrics"
+        assert any(a.path == "eval" for a in client.list_artifacts(run.info.run_id))
+
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout
+    remote_files = [p for p in (workspace / ".genpipe" / "dvc-remote").rglob("*") if p.is_file()]
+    assert len(remote_files) >= 8  # dataset shards + manifest, classifier, two models, two grids
+
+    import mlflow.pyfunc
+
+    images = mlflow.pyfunc.load_model("models:/fashion-mnist-dcgan@champion").predict({"count": 5, "seed": 3})
+    assert images.shape == (5, 1, 28, 28) and str(images.dtype) == "uint8"
+    again = mlflow.pyfunc.load_model("models:/fashion-mnist-dcgan@champion").predict({"count": 5, "seed": 3})
+    assert (images == again).all(), "same seed must give the same images"
+
+
+def test_rerun_without_changes_trains_nothing(workspace, client):
+    lock_before = (workspace / "dvc.lock").read_text()
+    result = run_retrain()
+    assert result.stages_run == []
+    assert all(r.decision == "unchanged" for r in result.registrations)
+    assert (workspace / "dvc.lock").read_text() == lock_before
+    assert len(client.search_model_versions("name='fashion-mnist-vae'")) == 1
+
+
+def test_changing_one_models_params_retrains_only_that_model(workspace, client):
+    set_params(workspace, ["train.vae.epochs=2"])
+    result = run_retrain()
+    assert sorted(result.stages_run) == ["evaluate@vae", "train@vae"]
+    regs = by_name(result)
+    assert regs["fashion-mnist-dcgan"].decision == "unchanged"
+    vae = regs["fashion-mnist-vae"]
+    assert vae.version == "2" and vae.decision in {"promoted", "kept"}
+    v2 = client.get_model_version("fashion-mnist-vae", "2")
+    assert v2.tags["promotion.decision"] == vae.decision and "fid" in v2.tags["promotion.reason"]
+    assert str(client.get_model_version_by_alias("fashion-mnist-vae", "challenger").version) == "2"
+    champion = str(client.get_model_version_by_alias("fashion-mnist-vae", "champion").version)
+    assert champion == ("2" if vae.decision == "promoted" else "1")
+
+
+def test_failed_stage_leaves_artefacts_and_registry_untouched(workspace, client):
+    model_file = workspace / "artifacts" / "models" / "dcgan" / "model.safetensors"
+    weights_before = model_file.read_bytes()
+    versions_before = len(client.search_model_versions("name='fashion-mnist-dcgan'"))
+    set_params(workspace, ["train.dcgan.batch_size=100000"])  # larger than the data: the trainer refuses
+
+    with pytest.raises(Exception):
+        run_retrain()
+
+    assert model_file.read_bytes() == weights_before, "previous good weights must be restored"
+    assert len(client.search_model_versions("name='fashion-mnist-dcgan'")) == versions_before
+    assert str(client.get_model_version_by_alias("fashion-mnist-dcgan", "champion").version) == "1"
+    set_params(workspace, ["train.dcgan.batch_size=32"])
+
+
+def test_metrics_files_match_what_mlflow_holds(workspace, client):
+    metrics = json.loads((workspace / "artifacts" / "eval" / "dcgan" / "metrics.json").read_text())
+    champion = client.get_model_version_by_alias("fashion-mnist-dcgan", "champion")
+    assert float(champion.tags["metric.fid"]) == pytest.approx(metrics["fid"])
