@@ -16,16 +16,12 @@ from components.evaluation.metrics import METRICS, EvalContext, frechet_distance
 from components.models import FAMILIES, build_model
 
 NOISE_LEVELS = (0.1, 0.3, 0.6)
-pytestmark = pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save:UserWarning")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save:UserWarning"),
+]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; extra intra-op threads only contend on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def structured_set(n: int = 400, size: int = 28, seed: int = 0) -> torch.Tensor:

@@ -9,13 +9,7 @@ from components.models.base import Family
 from components.registry import Registry
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; extra intra-op threads only contend on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {
     "vae": {"latent_dim": 4, "width": 4, "beta": 1.0},

@@ -112,6 +112,17 @@ def test_first_run_trains_evaluates_registers_and_pushes(workspace, client):
     assert (images == again).all(), "same seed must give the same images"
 
 
+def test_sample_command_writes_a_grid_from_the_champion(workspace):
+    out = workspace / "grid.png"
+    result = subprocess.run(["genpipe", "sample", "--model", "fashion-mnist-vae@champion", "-n", "16", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    with Image.open(out) as grid:
+        assert grid.size == (4 * 30 + 2, 4 * 30 + 2)  # 4×4 tiles of 28 px, 2 px padding
+
+
 def test_rerun_without_changes_trains_nothing(workspace, client):
     lock_before = (workspace / "dvc.lock").read_text()
     result = run_retrain()

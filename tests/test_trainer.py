@@ -10,13 +10,7 @@ from components.models import FAMILIES, build_model
 from components.training.trainer import Trainer, to_model_input
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; extra intra-op threads only contend on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {
     "vae": {"latent_dim": 4, "width": 8, "beta": 1.0},

@@ -1,0 +1,83 @@
+"""The genpipe command as a user meets it: config errors at start, and the UI server."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GENPIPE = [sys.executable, "-m", "flows.cli"]
+
+
+def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*GENPIPE, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env})
+
+
+@pytest.fixture
+def project(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def test_bad_override_fails_at_start_naming_key_and_rule(project):
+    before = (project / "params.yaml").read_text()
+    result = run_cli(["retrain", "--set", "train.vae.lr=-1"], project, GENPIPE_HOME=str(project / ".genpipe"))
+    assert result.returncode == 2
+    assert "train.vae.lr: must be > 0, got -1" in result.stderr
+    assert (project / "params.yaml").read_text() == before, "a rejected override must not be written"
+
+
+def test_unknown_key_in_params_file_is_refused(project):
+    text = (project / "params.yaml").read_text().replace("  lr: 0.003\n", "  lr: 0.003\n  learning_rate: 1\n", 1)
+    (project / "params.yaml").write_text(text)
+    result = run_cli(["params"], project, GENPIPE_HOME=str(project / ".genpipe"))
+    assert result.returncode == 2
+    assert "classifier.learning_rate: unknown key" in result.stderr
+
+
+def test_params_override_is_validated_and_printed(project):
+    result = run_cli(["params", "--set", "train.dcgan.epochs=7"], project, GENPIPE_HOME=str(project / ".genpipe"))
+    assert result.returncode == 0, result.stderr
+    assert '"epochs": 7' in result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status
+        except OSError:
+            time.sleep(0.25)  # polling a port until it answers, bounded by the deadline
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def test_ui_serves_mlflow_over_the_embedded_store(project):
+    port = _free_port()
+    proc = subprocess.Popen([*GENPIPE, "ui", "--port", str(port)], cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "GENPIPE_HOME": str(project / ".genpipe")})
+    try:
+        assert _wait_http(f"http://127.0.0.1:{port}/health", proc) == 200
+        first_line = proc.stdout.readline()
+        assert "MLflow UI for sqlite:///" in first_line and str(project / ".genpipe") in first_line
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
