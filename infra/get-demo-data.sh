@@ -10,7 +10,8 @@ if [[ -f "$path/train-images-idx3-ubyte.gz" || -f "$path/train-images-idx3-ubyte
 
 if [[ "$path" == /usr/share/datasets/fashion-mnist && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
   echo "installing the Debian package dataset-fashion-mnist (Fashion-MNIST, MIT licence)"
-  if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; then
+  # --reinstall: also restores the files when dpkg lists the package but they were deleted
+  if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall dataset-fashion-mnist >/dev/null; then
     exit 0
   fi
 fi
