@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 
+class UsageError(ValueError):
+    """A request the user can fix; printed without a traceback."""
+
+
 def _params(overrides: list[str] | None = None, write: bool = False):
     from components.config import apply_overrides, parse_params, read_params_raw, write_params_raw
 
@@ -72,9 +76,26 @@ def cmd_sample(args) -> None:
     request = {"count": args.n, "seed": args.seed}
     if args.labels:
         request["labels"] = [int(v) for v in args.labels.split(",")]
-    images = mlflow.pyfunc.load_model(uri).predict(request)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise UsageError(f"--model {args.model}: {exc.message.rstrip('.')}. Registered: {_registered_models()}") from None
+    try:
+        images = model.predict(request)
+    except ValueError as exc:
+        raise UsageError(f"sample request: {exc}") from None
     save_grid(torch.from_numpy(images), Path(args.out))
     print(f"wrote {images.shape[0]} samples from {uri} to {args.out}")
+
+
+def _registered_models() -> str:
+    from components.tracking.runs import client
+
+    models = client().search_registered_models()
+    listed = [f"{m.name} (aliases: {', '.join(sorted(m.aliases)) or 'none'})" for m in models]
+    return "; ".join(listed) or "none yet, run `genpipe retrain`"
 
 
 def cmd_ui(args) -> None:
@@ -143,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     try:
         args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, UsageError, FileNotFoundError) as exc:
         print(f"genpipe: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -122,6 +122,11 @@ def test_sample_command_writes_a_grid_from_the_champion(workspace):
     with Image.open(out) as grid:
         assert grid.size == (4 * 30 + 2, 4 * 30 + 2)  # 4×4 tiles of 28 px, 2 px padding
 
+    wrong = subprocess.run(["genpipe", "sample", "--model", "fashion-mnist-vae@nope", "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2
+    assert "alias nope not found" in wrong.stderr and "fashion-mnist-vae (aliases: champion)" in wrong.stderr
+
 
 def test_rerun_without_changes_trains_nothing(workspace, client):
     lock_before = (workspace / "dvc.lock").read_text()
