@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from ruamel.yaml import YAML
 
 PARAMS_FILE = "params.yaml"
 
@@ -155,7 +154,9 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
-def _yaml() -> YAML:
+def _yaml():
+    from ruamel.yaml import YAML  # only the CLI needs it, not a registered model loading its config class
+
     yaml = YAML()  # round-trip: keeps the comments of params.yaml when overrides are written back
     yaml.preserve_quotes = True
     return yaml
@@ -189,6 +190,8 @@ def apply_overrides(raw: Any, overrides: list[str]) -> Any:
             node = node[part]
         if not isinstance(node, dict) or leaf not in node:
             raise ConfigError(f"--set {key}: unknown key; see {PARAMS_FILE} for the valid ones")
+        from ruamel.yaml import YAML
+
         node[leaf] = YAML(typ="safe").load(text)
     return raw
 

@@ -31,6 +31,16 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def source_hash(*packages: str) -> str:
+    """Hash of the Python sources of components packages: a checkpoint resumes only on the same code."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def dataset_version(data_dir: Path) -> str:
     """Content hash of the packed dataset's manifest (it lists every item's sha256)."""
     return hashlib.sha256((Path(data_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
@@ -83,11 +93,12 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
     model = build_model(cfg, channels, len(classes))
     registered_name = f"{params.data.name}-{name}"
     data_version = dataset_version(data_dir)
-    tags = {"genpipe.stage": f"train@{name}", "genpipe.dataset_version": data_version,
-            "genpipe.params_hash": config_hash(cfg), "genpipe.family": cfg.family}
+    tags = {"genpipe.stage": f"train@{name}", "genpipe.manifest_sha256": data_version,
+            "genpipe.model_params_hash": config_hash(cfg), "genpipe.family": cfg.family}
     with training_run(registered_name, run_name=f"train-{name}", params=cfg.model_dump(), tags=tags) as log_metrics:
         trainer = Trainer(model, cfg, checkpoint_path=checkpoint_path(registered_name),
-                          resume_key=data_version, log_fn=log_metrics, device=device())
+                          resume_key=f"{data_version}-{source_hash('models', 'training')}", log_fn=log_metrics,
+                          device=device())
         metrics = trainer.fit(images, labels)
         spec = {"family": cfg.family, "config": cfg.model_dump(mode="json"), "channels": channels,
                 "num_classes": len(classes), "classes": classes, "dataset": params.data.name,
@@ -112,3 +123,15 @@ def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Pa
         write_json(metrics, tmp / "metrics.json")
     print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
+
+
+def rescore_registered(model_uri: str, metric: str, params: Params, data_dir: Path, classifier_dir: Path) -> float:
+    """`metric` of a registered model measured with today's evaluator and held-out data."""
+    import mlflow.pyfunc
+
+    from components.evaluation.evaluate import evaluate_model
+
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+    real, _ = load_split(data_dir, "test")
+    cfg = params.evaluate.model_copy(update={"metrics": [metric]})
+    return float(evaluate_model(model.to(device()), load_classifier(classifier_dir), real, cfg)[metric])

@@ -49,10 +49,19 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_retrain(args) -> None:
+    from components.config import PARAMS_FILE
+
+    original = Path(PARAMS_FILE).read_text()
     _params(args.set, write=True)  # overrides go to params.yaml, so DVC records what actually ran
     from flows.retrain import retrain
 
-    result = retrain()
+    try:
+        result = retrain()
+    except BaseException:
+        if args.set:  # a failed run must not leave its overrides behind for the next scheduled run
+            Path(PARAMS_FILE).write_text(original)
+            print(f"genpipe: retrain failed; {PARAMS_FILE} restored without --set {' '.join(args.set)}", file=sys.stderr)
+        raise
     print(f"stages run: {', '.join(result.stages_run) or 'none (everything up to date)'}")
     for r in result.registrations:
         print(f"{r.name}: version {r.version}, {r.decision} — {r.reason}")

@@ -38,18 +38,29 @@ def push_artifacts() -> int:
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[5, 20])
 def register(model: str) -> Registration:
     """Register one evaluated model in MLflow and decide its aliases."""
+    from components.pipeline import rescore_registered
+
     params = load_params()
     repo = dvc.open_repo()
+    data_dir = dvc.stage_paths(repo, "ingest")["out"]
+    classifier_dir = dvc.stage_paths(repo, "classifier")["out"]
     model_dir = dvc.stage_paths(repo, f"train@{model}")["out"]
     eval_dir = dvc.stage_paths(repo, f"evaluate@{model}")["metrics"].parent
     lineage = {
-        "dataset_version": dvc.locked_md5(repo.root_dir, "ingest", dvc.stage_paths(repo, "ingest")["out"]),
+        "dataset_version": dvc.locked_md5(repo.root_dir, "ingest", data_dir),
+        "evaluator_md5": dvc.locked_md5(repo.root_dir, "classifier", classifier_dir),
         "model_md5": dvc.locked_md5(repo.root_dir, f"train@{model}", model_dir),
         "params_hash": _params_hash(params, model),
         "git_commit": _git_commit(repo.root_dir),
         "training_run_id": _training_run_id(model_dir),
     }
-    result = register_model(f"{params.data.name}-{model}", model_dir, eval_dir, lineage, params.registry)
+    name = f"{params.data.name}-{model}"
+    metric = params.registry.gating_metric
+
+    def rescore(version: str) -> float:
+        return rescore_registered(f"models:/{name}/{version}", metric, params, data_dir, classifier_dir)
+
+    result = register_model(name, model_dir, eval_dir, lineage, params.registry, rescore)
     get_run_logger().info("%s v%s: %s (%s)", result.name, result.version, result.decision, result.reason)
     return result
 

@@ -81,3 +81,13 @@ def test_ui_serves_mlflow_over_the_embedded_store(project):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_failed_retrain_takes_its_overrides_back(project):
+    before = (project / "params.yaml").read_text()
+    # No dvc.yaml here, so the flow fails right after the override was written.
+    result = run_cli(["retrain", "--set", "train.dcgan.epochs=3"], project, GENPIPE_HOME=str(project / ".genpipe"),
+                     PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    assert result.returncode != 0
+    assert "params.yaml restored" in result.stderr
+    assert (project / "params.yaml").read_text() == before

@@ -112,6 +112,12 @@ def test_first_run_trains_evaluates_registers_and_pushes(workspace, client):
     assert (images == again).all(), "same seed must give the same images"
 
 
+def test_metrics_files_match_what_mlflow_holds(workspace, client):
+    metrics = json.loads((workspace / "artifacts" / "eval" / "dcgan" / "metrics.json").read_text())
+    champion = client.get_model_version_by_alias("fashion-mnist-dcgan", "champion")
+    assert float(champion.tags["metric.fid"]) == pytest.approx(metrics["fid"])
+
+
 def test_sample_command_writes_a_grid_from_the_champion(workspace):
     out = workspace / "grid.png"
     result = subprocess.run(["genpipe", "sample", "--model", "fashion-mnist-vae@champion", "-n", "16", "--out", str(out)],
@@ -152,8 +158,22 @@ def test_changing_one_models_params_retrains_only_that_model(workspace, client):
     assert champion == ("2" if vae.decision == "promoted" else "1")
 
 
+def test_new_evaluator_rescores_the_champion_before_comparing(workspace, client):
+    set_params(workspace, ["classifier.epochs=2", "train.vae.seed=1"])  # other evaluator features, new VAE
+    result = run_retrain()
+    assert {"classifier", "train@vae", "evaluate@vae", "evaluate@dcgan"} <= set(result.stages_run)
+    vae = by_name(result)["fashion-mnist-vae"]
+    assert vae.version == "3"
+    v3 = client.get_model_version("fashion-mnist-vae", "3")
+    assert float(v3.tags["promotion.champion_rescored"]) > 0
+    assert v3.tags["evaluator_md5"] != client.get_model_version("fashion-mnist-vae", "1").tags["evaluator_md5"]
+    assert f"{float(v3.tags['promotion.champion_rescored']):.4g}" in vae.reason  # compared with the new score
+
+
 def test_failed_stage_leaves_artefacts_and_registry_untouched(workspace, client):
     model_file = workspace / "artifacts" / "models" / "dcgan" / "model.safetensors"
+    metrics_file = workspace / "artifacts" / "metrics" / "train-dcgan.json"
+    metrics_before = metrics_file.read_text()
     weights_before = model_file.read_bytes()
     versions_before = len(client.search_model_versions("name='fashion-mnist-dcgan'"))
     set_params(workspace, ["train.dcgan.batch_size=100000"])  # larger than the data: the trainer refuses
@@ -162,12 +182,7 @@ def test_failed_stage_leaves_artefacts_and_registry_untouched(workspace, client)
         run_retrain()
 
     assert model_file.read_bytes() == weights_before, "previous good weights must be restored"
+    assert metrics_file.read_text() == metrics_before, "uncached metrics files must be restored too"
     assert len(client.search_model_versions("name='fashion-mnist-dcgan'")) == versions_before
     assert str(client.get_model_version_by_alias("fashion-mnist-dcgan", "champion").version) == "1"
     set_params(workspace, ["train.dcgan.batch_size=32"])
-
-
-def test_metrics_files_match_what_mlflow_holds(workspace, client):
-    metrics = json.loads((workspace / "artifacts" / "eval" / "dcgan" / "metrics.json").read_text())
-    champion = client.get_model_version_by_alias("fashion-mnist-dcgan", "champion")
-    assert float(champion.tags["metric.fid"]) == pytest.approx(metrics["fid"])

@@ -145,28 +145,31 @@ def image_folder(cfg: DataConfig) -> RawDataset:
     ]
     collected: dict[str, tuple[list, list, list]] = {"train": ([], [], []), "test": ([], [], [])}
     limit = cfg.limit_per_split
-    for label, name in enumerate(classes):
-        for path in sorted(p for p in (root / name).rglob("*") if p.is_file()):
-            origin = path.relative_to(root).as_posix()
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                reason = f"unsupported extension {path.suffix!r} (use .png, .jpg, .jpeg)"
-                rejected.append({"origin": origin, "reason": reason})
-                continue
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                rejected.append({"origin": origin, "reason": f"unreadable: {exc}"})
-                continue
-            images, labels, origins = collected[_split_of(data, cfg.test_fraction)]
-            if limit is not None and len(images) >= limit:
-                continue  # a deliberate subset, not a rejection
-            try:
-                images.append(load_image(path, cfg))
-            except ImageRejected as exc:
-                rejected.append({"origin": origin, "reason": exc.reason})
-                continue
-            labels.append(label)
-            origins.append(origin)
+    files = [(label, path.relative_to(root).as_posix(), path)
+             for label, name in enumerate(classes) for path in (root / name).rglob("*") if path.is_file()]
+    # Visit files in an order fixed by their path's hash rather than class by class, so a
+    # limit_per_split subset (or any prefix of a split) mixes all classes.
+    files.sort(key=lambda item: hashlib.sha256(item[1].encode()).digest())
+    for label, origin, path in files:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            reason = f"unsupported extension {path.suffix!r} (use .png, .jpg, .jpeg)"
+            rejected.append({"origin": origin, "reason": reason})
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            rejected.append({"origin": origin, "reason": f"unreadable: {exc}"})
+            continue
+        images, labels, origins = collected[_split_of(data, cfg.test_fraction)]
+        if limit is not None and len(images) >= limit:
+            continue  # a deliberate subset, not a rejection
+        try:
+            images.append(load_image(path, cfg))
+        except ImageRejected as exc:
+            rejected.append({"origin": origin, "reason": exc.reason})
+            continue
+        labels.append(label)
+        origins.append(origin)
     shape = (0, cfg.channels, cfg.image_size, cfg.image_size)
     splits = {
         split: Split(

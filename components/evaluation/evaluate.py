@@ -16,7 +16,9 @@ from components.training.trainer import to_model_input
 def evaluate_model(model: GenerativeModel, classifier: Classifier, real_u8: torch.Tensor, cfg: EvaluateConfig,
                    grid_path: Path | None = None) -> dict[str, float]:
     """Metrics in cfg.metrics comparing cfg.num_samples samples (fixed seed) with held-out real images."""
-    real_u8 = real_u8[: cfg.num_samples]
+    # A seeded random subset: a split stored class by class must still give a reference of every class.
+    pick = torch.randperm(real_u8.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[: cfg.num_samples]
+    real_u8 = real_u8[pick.sort().values]
     n = real_u8.shape[0]
     if n < 2:
         raise ValueError(f"evaluation needs at least 2 held-out images, the test split has {n}")
@@ -30,8 +32,10 @@ def evaluate_model(model: GenerativeModel, classifier: Classifier, real_u8: torc
         kid_subset_size=cfg.kid_subset_size,
     )
     results: dict[str, float] = {"num_samples": n}
-    for name in cfg.metrics:
-        results.update(METRICS.get(name)(ctx))
+    with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global RNG: same model, same score
+        torch.manual_seed(cfg.seed)
+        for name in cfg.metrics:
+            results.update(METRICS.get(name)(ctx))
     if grid_path is not None:
         save_grid(fake[: cfg.grid_size], grid_path)
     return results

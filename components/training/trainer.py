@@ -45,12 +45,15 @@ class Trainer:
             "resume_key": self.resume_key,
         }
 
-    def _try_resume(self) -> None:
+    def _try_resume(self, total_steps: int) -> None:
         if self.checkpoint_path is None or not self.checkpoint_path.exists():
             return
         state = load_checkpoint(self.checkpoint_path)
         if state.get("config") != self.cfg.model_dump(mode="json") or state.get("resume_key") != self.resume_key:
-            print(f"checkpoint {self.checkpoint_path} is for other params or data; starting fresh")
+            print(f"checkpoint {self.checkpoint_path} is for other params, data or code; starting fresh")
+            return
+        if state["step"] >= total_steps:  # a finished run asked to train again (e.g. dvc repro -f): retrain
+            print(f"checkpoint {self.checkpoint_path} is of a finished run; starting fresh")
             return
         self.model.load_state_dict(state["model"])
         for k, opt in self.optimizers.items():
@@ -67,11 +70,11 @@ class Trainer:
         """Train on a preloaded uint8 tensor N×C×H×W for cfg.epochs; return the last logged values."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self._try_resume()
         steps_per_epoch = images.shape[0] // cfg.batch_size  # drop the ragged last batch: batch norm dislikes tiny ones
         if steps_per_epoch == 0:
             raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the {images.shape[0]} training images")
         total = steps_per_epoch * cfg.epochs
+        self._try_resume(total)
         order = torch.Generator().manual_seed(cfg.seed)
         sums: dict[str, torch.Tensor] = {}
         window_steps = 0

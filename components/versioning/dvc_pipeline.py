@@ -28,8 +28,12 @@ def reproduce_stage(repo, addressing: str) -> bool:
     """Run one stage if DVC sees a change in its deps, params or outs; True when it ran.
 
     DVC deletes a stage's outs before running it; if the command fails, the outs of the last
-    good run are checked out of the cache again, so a failed stage leaves the workspace as it was.
+    good run are checked out of the cache again (uncached metric files from a copy taken here),
+    so a failed stage leaves the workspace as it was.
     """
+    stage = next(s for s in repo.index.stages if s.addressing == addressing)
+    uncached = {Path(o.fs_path): Path(o.fs_path).read_bytes()
+                for o in stage.outs if not o.use_cache and Path(o.fs_path).is_file()}
     try:
         return bool(repo.reproduce(addressing, single_item=True))
     except Exception:
@@ -37,6 +41,9 @@ def reproduce_stage(repo, addressing: str) -> bool:
             repo.checkout(targets=[addressing], force=True)
         except Exception as restore_error:  # nothing committed yet: nothing to restore
             print(f"could not restore the previous outputs of {addressing}: {restore_error}")
+        for path, content in uncached.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
         raise
 
 
