@@ -29,7 +29,7 @@ def run_stage(addressing: str) -> bool:
 
 @task(cache_policy=NONE, retries=3, retry_delay_seconds=[2, 10, 30])
 def push_artifacts() -> int:
-    """Push datasets, checkpoints, metrics and grids to the DVC remote (retried: it is I/O)."""
+    """Push the dataset, classifier, models and grids to the DVC remote (retried: it is I/O)."""
     pushed = dvc.push(dvc.open_repo())
     get_run_logger().info("dvc push: %d file(s) sent", pushed)
     return pushed
