@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import re
 import shutil
 from pathlib import Path
 
