@@ -9,7 +9,7 @@ from torch import nn
 from tqdm import tqdm
 
 from components.config import ClassifierConfig
-from components.training.trainer import to_model_input
+from components.training.trainer import resize, to_model_input
 
 INPUT_SIZE = 28  # every image is judged at 28×28; larger samples are downscaled first
 FEATURES = 128
@@ -46,7 +46,7 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(_resize(x))
+        return self.classifier.features(resize(x, INPUT_SIZE))
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ClassifierConfig,
@@ -78,15 +78,9 @@ def predict(model: Classifier, images: torch.Tensor, batch_size: int = 1000) -> 
     device = next(model.parameters()).device
     out = []
     for chunk in images.split(batch_size):
-        x = to_model_input(chunk, INPUT_SIZE, device) if chunk.dtype == torch.uint8 else _resize(chunk.to(device))
+        x = to_model_input(chunk, INPUT_SIZE, device) if chunk.dtype == torch.uint8 else resize(chunk.to(device), INPUT_SIZE)
         out.append(model(x).softmax(dim=1).cpu())
     return torch.cat(out)
-
-
-def _resize(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[-1] == INPUT_SIZE:
-        return x
-    return F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
 
 
 def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> float:

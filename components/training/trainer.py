@@ -16,12 +16,16 @@ from components.training.checkpoint import load_checkpoint, save_checkpoint
 LogFn = Callable[[dict[str, float], int], None]
 
 
+def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Float images N×C×H×W → N×C×image_size×image_size (unchanged when already that size)."""
+    if x.shape[-1] == image_size:
+        return x
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def to_model_input(batch_u8: torch.Tensor, image_size: int, device: torch.device) -> torch.Tensor:
     """uint8 N×C×H×W → float in [-1, 1] at the model's resolution."""
-    x = batch_u8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-    if x.shape[-1] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    return x
+    return resize(batch_u8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0), image_size)
 
 
 class Trainer:
