@@ -12,7 +12,7 @@ from components.config import RegistryConfig
 from components.tracking.runs import client, ensure_experiment
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-ARTIFACT_TAG = "genpipe.model_md5"  # DVC hash of the model folder: one registered version per artefact
+ARTIFACT_TAG = "model_md5"  # lineage tag, DVC hash of the model folder: one registered version per artefact
 REQUIREMENTS = ["torch", "torchvision", "safetensors", "numpy", "pydantic", "pillow", "tqdm"]
 
 
@@ -110,7 +110,7 @@ def _log_and_register(c, name: str, model_dir: Path, eval_dir: Path, lineage: di
             pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in REQUIREMENTS],
         )
     return mlflow.register_model(info.model_uri, name, tags={
-        **lineage, ARTIFACT_TAG: lineage["model_md5"], **{f"metric.{k}": str(v) for k, v in metrics.items()}})
+        **lineage, **{f"metric.{k}": str(v) for k, v in metrics.items()}})
 
 
 def _run_exists(c, run_id: str) -> bool:
