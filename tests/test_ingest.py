@@ -5,17 +5,19 @@ import gzip
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from components.config import DataConfig
 from components.data import pack as pack_module
+from components.data import validate as validate_module
 from components.data.ingest import ingest
-from components.data.pack import load_split, pack_dataset, read_manifest
+from components.data.pack import dataset_version, load_split, pack_dataset, read_manifest
 from components.data.sources import DataError, RawDataset, Split
 from components.data.validate import ImageRejected, load_image
 
@@ -232,8 +234,7 @@ def test_fashion_mnist_synthetic(tmp_path, gz):
     assert x.shape == (5, 1, 28, 28) and y.dtype == torch.int64
     manifest = read_manifest(tmp_path / "out")
     assert manifest["classes"][0] == "T-shirt/top" and manifest["classes"][9] == "Ankle boot"
-    suffix = ".gz" if gz else ""
-    assert manifest["items"][1]["origin"] == f"train-images-idx3-ubyte{suffix}#1"
+    assert manifest["items"][1]["origin"] == "train-images-idx3-ubyte#1"  # same with or without .gz
 
 
 def test_fashion_mnist_resize_and_channels(tmp_path):
@@ -271,3 +272,108 @@ def test_fashion_mnist_real_files(tmp_path):
     assert summary == {"items_train": 100, "items_test": 100, "rejected": 0, "num_classes": 10}
     x, y = load_split(tmp_path / "out", "train")
     assert x.shape == (100, 1, 28, 28) and 0 <= int(y.min()) and int(y.max()) <= 9 and x.float().mean() > 10
+
+
+def packed_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_dataset_version_ignores_where_the_data_lies_and_sharding(folder, tmp_path):
+    # issue 5 item 9: the same images copied elsewhere pack to the same bytes and version
+    moved = tmp_path / "elsewhere/deeper/images"
+    shutil.copytree(folder, moved)
+    ingest(data_cfg(folder), tmp_path / "a", log=lambda _: None)
+    ingest(data_cfg(moved), tmp_path / "b", log=lambda _: None)
+    assert packed_files(tmp_path / "a") == packed_files(tmp_path / "b")
+    version = dataset_version(tmp_path / "a")
+    assert len(version) == 16 and read_manifest(tmp_path / "a")["dataset_version"] == version
+    assert str(tmp_path) not in (tmp_path / "a/manifest.json").read_text()
+
+    ingest(data_cfg(moved, shard_size=3), tmp_path / "c", log=lambda _: None)
+    assert read_manifest(tmp_path / "c")["splits"]["train"]["shards"] != read_manifest(tmp_path / "a")[
+        "splits"]["train"]["shards"]
+    assert dataset_version(tmp_path / "c") == version
+
+
+def test_dataset_version_changes_with_one_pixel_or_label(folder, tmp_path):
+    ingest(data_cfg(folder), tmp_path / "base", log=lambda _: None)
+    base = dataset_version(tmp_path / "base")
+
+    pixel = tmp_path / "pixel"
+    shutil.copytree(folder, pixel)
+    img = np.asarray(Image.open(pixel / "cats/0.png")).copy()
+    img[3, 3] ^= 1
+    Image.fromarray(img).save(pixel / "cats/0.png")
+    ingest(data_cfg(pixel), tmp_path / "p", log=lambda _: None)
+    assert dataset_version(tmp_path / "p") != base
+
+    label = tmp_path / "label"
+    shutil.copytree(folder, label)
+    (label / "cats/0.png").rename(label / "dogs/0-was-cat.png")
+    ingest(data_cfg(label), tmp_path / "l", log=lambda _: None)
+    assert dataset_version(tmp_path / "l") != base
+
+
+def test_dataset_version_of_fashion_mnist_copies(tmp_path):
+    gz = fake_fashion(tmp_path / "one", gz=True)
+    plain = fake_fashion(tmp_path / "two/fm", gz=False)
+    ingest(fmnist_cfg(gz), tmp_path / "a", log=lambda _: None)
+    ingest(fmnist_cfg(plain), tmp_path / "b", log=lambda _: None)
+    assert packed_files(tmp_path / "a") == packed_files(tmp_path / "b")
+
+    labels = np.zeros(7, np.uint8)
+    write_idx(plain / "train-labels-idx1-ubyte", labels, 2049, gz=False)
+    ingest(fmnist_cfg(plain), tmp_path / "c", log=lambda _: None)
+    assert dataset_version(tmp_path / "c") != dataset_version(tmp_path / "a")
+
+
+def test_dataset_version_of_an_old_pack_asks_for_ingest(folder, tmp_path):
+    out = tmp_path / "old"
+    ingest(data_cfg(folder), out, log=lambda _: None)
+    manifest = read_manifest(out)
+    del manifest["dataset_version"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"manifest.json: no \"dataset_version\".*re-run `genpipe ingest`"):
+        dataset_version(out)
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    # issue 5 item 10: PIL's convert("L") clips 16-bit values, turning almost everything white
+    wide = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)
+    Image.fromarray(wide).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    out = load_image(tmp_path / "deep.png", data_cfg(tmp_path, image_size=8))
+    assert np.array_equal(out[0], (wide >> 8).astype(np.uint8))
+    rgb = load_image(tmp_path / "deep.png", data_cfg(tmp_path, image_size=8, channels=3))
+    assert (rgb == (wide >> 8).astype(np.uint8)).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((16, 16), np.uint8)
+    pixels[:, 0] = 255  # a white left column; orientation 6 means "rotate 90° clockwise to view"
+    exif = Image.Exif()
+    exif[ImageOps.ExifTags.Base.Orientation] = 6
+    Image.fromarray(pixels).save(tmp_path / "turned.png", exif=exif)
+    out = load_image(tmp_path / "turned.png", data_cfg(tmp_path))
+    assert np.array_equal(out[0], np.rot90(pixels, -1)) and (out[0, 0] == 255).all()
+
+    # applied before the size rule: stored 8x16, shown 16x8
+    Image.fromarray(np.zeros((16, 8), np.uint8)).save(tmp_path / "tall.png", exif=exif)
+    with pytest.raises(ImageRejected, match="size 16x8, expected 8x8"):
+        load_image(tmp_path / "tall.png", data_cfg(tmp_path, image_size=8))
+
+
+def test_conversion_error_rejects_one_file(folder, tmp_path, monkeypatch):
+    noise(3, (17, 17)).save(folder / "cats/odd.png")
+    to_mode = validate_module._to_mode
+
+    def flaky(img, channels):
+        if img.size == (17, 17):
+            raise ValueError("conversion not supported")
+        return to_mode(img, channels)
+
+    monkeypatch.setattr(validate_module, "_to_mode", flaky)
+    summary = ingest(data_cfg(folder), tmp_path / "out", log=lambda _: None)
+    reasons = {r["origin"]: r["reason"] for r in read_manifest(tmp_path / "out")["rejected"]}
+    assert reasons["cats/odd.png"] == "cannot convert: ValueError: conversion not supported"
+    assert summary["items_train"] + summary["items_test"] == 12

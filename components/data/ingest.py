@@ -37,7 +37,7 @@ def ingest(cfg: DataConfig, out_dir: Path, log: Callable[[str], None] = print) -
         raise DataError(
             f"no valid training images in {cfg.path}; {len(raw.rejected)} rejected, see the report above"
         )
-    summary = pack_dataset(raw, out_dir, cfg, {"name": cfg.source, "path": cfg.path})
+    summary = pack_dataset(raw, out_dir, cfg, {"name": cfg.source})
     log(f"packed {out_dir}")
     if raw.rejected:
         log(f"every rejection with its reason is listed in {out_dir / MANIFEST} under \"rejected\"")

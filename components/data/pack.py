@@ -2,8 +2,13 @@
 
 Layout of a dataset folder:
     {split}-{k:03d}.npz   arrays `images` (uint8 N×C×H×W) and `labels` (int64 N), ≤ data.shard_size items
-    manifest.json         classes, splits, one entry per item (shard, index, sha256, origin), rejections, config
+    manifest.json         dataset_version, classes, splits, one entry per item (shard, index, sha256, origin),
+                          rejections, config
     summary.json          flat counts: items_<split>, rejected, num_classes
+
+Nothing written depends on where the source lay (data.path is left out, origins are relative to it),
+so the same data read from another folder packs to the same bytes. dataset_version hashes only the
+data itself: image shape, classes, and per split the items' pixel hashes and labels in order.
 """
 from __future__ import annotations
 
@@ -74,6 +79,16 @@ def _write_split(tmp: Path, name: str, raw: RawDataset, shard_size: int) -> tupl
     return info, items
 
 
+def _content_version(shape: tuple[int, int, int], classes: list[str], splits: dict, items: list[dict]) -> str:
+    """Hash of what training sees, independent of data.path, origins and data.shard_size."""
+    digest = hashlib.sha256()
+    counts = {name: info["count"] for name, info in splits.items()}
+    digest.update(json.dumps({"image_shape": list(shape), "classes": classes, "splits": counts}).encode())
+    for item in items:  # split by split, in the order load_split returns them
+        digest.update(f"\n{item['split']} {item['label']} {item['sha256']}".encode())
+    return digest.hexdigest()[:16]
+
+
 def _swap_in(tmp: Path, out_dir: Path) -> None:
     """Put the finished tmp folder at out_dir; the old one is deleted only once the new one is in place."""
     old = None
@@ -105,12 +120,13 @@ def pack_dataset(raw: RawDataset, out_dir: Path, cfg: DataConfig, source_info: d
             items += split_items
         manifest = {
             "name": cfg.name,
+            "dataset_version": _content_version(shape, list(raw.classes), splits, items),
             "source": dict(source_info),
             "image_shape": list(shape),
             "classes": list(raw.classes),
             "splits": splits,
             "rejected": [{"origin": r["origin"], "reason": r["reason"]} for r in raw.rejected],
-            "config": cfg.model_dump(mode="json"),
+            "config": cfg.model_dump(mode="json", exclude={"path"}),
             "items": items,
         }
         summary = {f"items_{name}": info["count"] for name, info in splits.items()}
@@ -132,6 +148,17 @@ def read_manifest(dataset_dir: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); run `genpipe ingest` again") from None
+
+
+def dataset_version(dataset_dir: str | Path) -> str:
+    """The packed dataset's content hash (see _content_version): the one dataset version for lineage."""
+    manifest = read_manifest(dataset_dir)
+    if "dataset_version" not in manifest:
+        raise DataError(
+            f"{Path(dataset_dir) / MANIFEST}: no \"dataset_version\" (packed by an older genpipe); "
+            "re-run `genpipe ingest`"
+        )
+    return manifest["dataset_version"]
 
 
 def load_split(dataset_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ class DataError(ValueError):
 class Split:
     images: np.ndarray  # uint8 N×C×H×W
     labels: np.ndarray  # int64 N
-    origins: list[str]  # where each item came from, e.g. "cat/001.png" or "train-images-idx3-ubyte.gz#12"
+    origins: list[str]  # where each item came from, relative to data.path: "cat/1.png", "train-images-idx3-ubyte#12"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -117,7 +117,8 @@ def fashion_mnist(cfg: DataConfig) -> RawDataset:
         splits[split] = Split(
             images=_fit_fashion(images[:n], cfg, image_file),
             labels=labels[:n].astype(np.int64),
-            origins=[f"{image_file.name}#{i}" for i in range(n)],
+            # named without ".gz" so that gzipping the files (or not) does not change the packed manifest
+            origins=[f"{image_file.name.removesuffix('.gz')}#{i}" for i in range(n)],
         )
     return RawDataset(classes=list(FASHION_MNIST_CLASSES), splits=splits, rejected=[])
 
@@ -127,6 +128,12 @@ def _split_of(data: bytes, test_fraction: float) -> str:
     # and adding files never moves existing ones.
     sha = hashlib.sha256(data).hexdigest()
     return "test" if int(sha[:8], 16) / 2**32 < test_fraction else "train"
+
+
+def _rejection(origin: str, path: Path, reason: str) -> dict:
+    # Error messages quote the absolute path; name the file by its origin instead, so the packed
+    # dataset does not depend on where the folder lies.
+    return {"origin": origin, "reason": reason.replace(str(path), origin)}
 
 
 @SOURCES.register("image-folder")
@@ -153,12 +160,12 @@ def image_folder(cfg: DataConfig) -> RawDataset:
     for label, origin, path in files:
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             reason = f"unsupported extension {path.suffix!r} (use .png, .jpg, .jpeg)"
-            rejected.append({"origin": origin, "reason": reason})
+            rejected.append(_rejection(origin, path, reason))
             continue
         try:
             data = path.read_bytes()
         except OSError as exc:
-            rejected.append({"origin": origin, "reason": f"unreadable: {exc}"})
+            rejected.append(_rejection(origin, path, f"unreadable: {exc}"))
             continue
         images, labels, origins = collected[_split_of(data, cfg.test_fraction)]
         if limit is not None and len(images) >= limit:
@@ -166,7 +173,7 @@ def image_folder(cfg: DataConfig) -> RawDataset:
         try:
             images.append(load_image(path, cfg))
         except ImageRejected as exc:
-            rejected.append({"origin": origin, "reason": exc.reason})
+            rejected.append(_rejection(origin, path, exc.reason))
             continue
         labels.append(label)
         origins.append(origin)

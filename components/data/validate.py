@@ -2,11 +2,13 @@
 
 Checks, in order: the header decodes; width*height from the header is at most data.max_pixels
 (checked before any pixel is decoded, so a decompression bomb costs nothing); the file is complete
-(PIL's verify() on one open, then a full load() on a fresh one); the mode and size rules below.
+(PIL's verify() on one open, then a full load() on a fresh one); the EXIF orientation is applied;
+the mode and size rules below. Any error while converting rejects that one image.
 
 Mode rule: the result has data.channels channels, "L" (grayscale) for 1 and "RGB" for 3. Images
 with an alpha channel are composited on black first; palette images go through RGB (or RGBA when
-the palette has transparency), so a transparent palette entry also ends up black.
+the palette has transparency), so a transparent palette entry also ends up black. 16-bit grayscale
+is scaled to 8 bits (value >> 8); PIL's own conversion would clip it.
 
 Size rule: an image must be data.image_size × data.image_size. With data.resize true, other sizes
 are scaled (bicubic) so the shorter side equals image_size and then centre-cropped; with
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 if TYPE_CHECKING:
     from components.config import DataConfig
@@ -62,6 +64,9 @@ def _check_header(path: Path, max_pixels: int) -> None:
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grayscale PNGs open as I;16 or I
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray((wide >> 8).astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     elif img.mode == "L" and "transparency" in img.info:
@@ -97,7 +102,13 @@ def load_image(path: str | Path, cfg: DataConfig) -> np.ndarray:
             img.load()
         except Exception as exc:
             raise ImageRejected(f"truncated or corrupt: {exc}") from None
-        img = _fit(_to_mode(img, cfg.channels), cfg.image_size, cfg.resize)
-    pixels = np.asarray(img, dtype=np.uint8)
+        try:
+            img = ImageOps.exif_transpose(img)  # the picture as a viewer shows it, before the size rule
+            img = _fit(_to_mode(img, cfg.channels), cfg.image_size, cfg.resize)
+            pixels = np.asarray(img, dtype=np.uint8)
+        except ImageRejected:
+            raise
+        except Exception as exc:  # an odd mode or broken metadata costs this file, not the ingest
+            raise ImageRejected(f"cannot convert: {type(exc).__name__}: {exc}") from None
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     return np.ascontiguousarray(pixels)
