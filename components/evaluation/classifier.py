@@ -35,6 +35,11 @@ class Classifier(nn.Module):
         return self.head(self.body(x))
 
 
+class NonFiniteFeatures(ValueError):
+    """The evaluator's features hold NaN/Inf: no metric can be computed from them (and FID's
+    eigen-decomposition of a NaN covariance can crash the process instead of failing)."""
+
+
 class FeatureExtractor(nn.Module):
     """What torchmetrics' FID/KID call: images in [-1, 1] of any size → (N, FEATURES)."""
 
@@ -46,7 +51,11 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(resize(x, INPUT_SIZE))
+        features = self.classifier.features(resize(x, INPUT_SIZE))
+        if not torch.isfinite(features).all():
+            raise NonFiniteFeatures("the evaluator classifier's features are NaN or infinite; retrain it "
+                                    "(genpipe classifier) before evaluating")
+        return features
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ClassifierConfig,

@@ -9,6 +9,10 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 
+class NonFiniteSamples(ValueError):
+    """A model produced NaN or infinite pixels: they would silently become black or white uint8s."""
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float in [-1, 1] → uint8 in [0, 255], same shape."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -34,8 +38,10 @@ def sample_uint8(model, n: int, seed: int, labels: torch.Tensor | None = None, b
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         part = None if labels is None else labels[start:start + count]
-        chunks.append(to_uint8(model.sample(count, generator=generator, labels=part).cpu()))
+        images = model.sample(count, generator=generator, labels=part)
+        bad = (~torch.isfinite(images)).flatten(1).any(dim=1)
+        if bad.any():
+            raise NonFiniteSamples(f"{int(bad.sum())} of {count} samples (seed {seed}, from image {start}) contain "
+                                   f"NaN or infinite pixels; the model's weights are probably broken: retrain it")
+        chunks.append(to_uint8(images.cpu()))
     return torch.cat(chunks) if chunks else torch.zeros(0, model.channels, model.image_size, model.image_size, dtype=torch.uint8)
-
-
-

@@ -13,7 +13,7 @@ from components.registry import Registry
 
 @dataclass
 class EvalContext:
-    model: GenerativeModel
+    model: GenerativeModel | None  # None when scoring stored samples: model-based metrics skip
     classifier: Classifier
     real: torch.Tensor  # held-out real images, float in [-1, 1]
     fake: torch.Tensor  # generated images, float in [-1, 1]
@@ -25,14 +25,19 @@ METRICS: Registry[Callable[[EvalContext], dict[str, float]]] = Registry("metric"
 
 
 def _feed(metric, images: torch.Tensor, real: bool, batch_size: int) -> None:
+    # torchmetrics moves neither its states nor the inputs: both go where the extractor runs.
     for chunk in images.split(batch_size):
-        metric.update(chunk, real=real)
+        metric.update(chunk.to(metric.device), real=real)
+
+
+def _device_of(extractor: torch.nn.Module) -> torch.device:
+    return next(extractor.parameters()).device
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor, extractor: torch.nn.Module, batch_size: int = 500) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance  # slow import (~4 s): only when measuring
 
-    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True)
+    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True).to(_device_of(extractor))
     _feed(fid, real, True, batch_size)
     _feed(fid, fake, False, batch_size)
     return float(fid.compute())
@@ -43,7 +48,7 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, extractor: torch.nn.
     from torchmetrics.image.kid import KernelInceptionDistance
 
     subset_size = min(subset_size, real.shape[0], fake.shape[0])
-    kid = KernelInceptionDistance(feature=extractor, subset_size=subset_size, subsets=50)
+    kid = KernelInceptionDistance(feature=extractor, subset_size=subset_size, subsets=50).to(_device_of(extractor))
     _feed(kid, real, True, batch_size)
     _feed(kid, fake, False, batch_size)
     mean, std = kid.compute()
@@ -77,7 +82,7 @@ def recon_mse(ctx: EvalContext) -> dict[str, float]:
         return {}
     device = next(ctx.model.parameters()).device
     errors = [
-        ((ctx.model.reconstruct(x.to(device)).cpu() - x) / 2).pow(2).mean(dim=(1, 2, 3))
+        ((ctx.model.reconstruct(x.to(device)).cpu() - x.cpu()) / 2).pow(2).mean(dim=(1, 2, 3))
         for x in ctx.real.split(ctx.batch_size)
     ]
     return {"recon_mse": float(torch.cat(errors).mean())}

@@ -1,4 +1,16 @@
-"""Register evaluated models and promote challengers with registry aliases (never stages)."""
+"""Register evaluated models and promote challengers with registry aliases (never stages).
+
+One registration makes its writes in this order, so that a rerun after a crash at any point ends
+in the state an uninterrupted run leaves:
+  1. the version, created once per model artefact with its lineage, metrics and score protocol
+     as tags in one call (found again by its `model_md5` tag: never a second version of it);
+  2. `promotion.pending`: the decision and the champion version it was judged against;
+  3. the aliases: `challenger`, then `champion` if promoted and only if the champion is still the
+     one compared with (otherwise ChampionChanged, and a retry judges against the new one);
+  4. `promotion.reason`, then `promotion.decision`: a version with a decision is finished;
+  5. `promotion.pending` deleted.
+A rerun finds a pending decision and finishes it rather than judging again.
+"""
 from __future__ import annotations
 
 import json
@@ -9,11 +21,21 @@ from pathlib import Path
 from typing import Callable
 
 from components.config import RegistryConfig
+from components.evaluation.protocol import protocol_key
 from components.tracking.runs import client, ensure_experiment
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_TAG = "model_md5"  # lineage tag, DVC hash of the model folder: one registered version per artefact
+PENDING, REASON, DECISION = "promotion.pending", "promotion.reason", "promotion.decision"
 REQUIREMENTS = ["torch", "torchvision", "safetensors", "numpy", "pydantic", "pillow", "tqdm"]
+
+
+class ChampionChanged(RuntimeError):
+    """The champion moved while a challenger was judged against it; registering again judges anew."""
+
+
+class ChampionUnscorable(RuntimeError):
+    """The champion cannot be scored under today's protocol (its code no longer loads, say)."""
 
 
 @dataclass(frozen=True)
@@ -24,20 +46,28 @@ class Registration:
     reason: str
 
 
+def _is_not_found(exc: Exception) -> bool:
+    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
 def _find_version(c, name: str, model_md5: str):
-    for mv in c.search_model_versions(f"name='{name}'"):
-        if mv.tags.get(ARTIFACT_TAG) == model_md5:
-            return mv
-    return None
+    versions = c.search_model_versions(f"name='{name}' and tags.{ARTIFACT_TAG}='{model_md5}'")
+    return min(versions, key=lambda mv: int(mv.version)) if versions else None
 
 
 def _champion(c, name: str):
+    """The champion's version, or None when the model or the alias does not exist. Any other
+    failure (timeout, 5xx, 403) propagates: an unreadable champion is not an absent one."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return c.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+        model = c.get_registered_model(name)
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            return None
+        raise
+    champion = model.aliases.get(CHAMPION)
+    return None if champion is None else c.get_model_version(name, str(champion))
 
 
 def decide(metric: str, new_value: float, champion_value: float | None, margin: float) -> tuple[bool, str]:
@@ -50,12 +80,12 @@ def decide(metric: str, new_value: float, champion_value: float | None, margin: 
 
 
 def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str, str], cfg: RegistryConfig,
-                   rescore: Callable[[str], float]) -> Registration:
-    """Log the model as a pyfunc in its training run, create a registry version with lineage tags,
-    then move aliases. Nothing in the registry changes until the version exists completely.
+                   protocol: dict, rescore: Callable[[str], float]) -> Registration:
+    """Log the model as a pyfunc in its training run, create its registry version, judge it against
+    the champion under the same score protocol and move the aliases (see the module docstring).
 
-    lineage["evaluator_md5"] names the classifier whose features the metrics use; a champion judged
-    by another one is re-scored with `rescore(version)` before the comparison.
+    `rescore(version)` measures a champion's gating metric under `protocol` when none of its stored
+    scores was measured under it; it raises ChampionUnscorable when the champion cannot be scored.
     """
     import mlflow
 
@@ -66,36 +96,94 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{eval_dir / 'metrics.json'}: '{cfg.gating_metric}' (registry.gating_metric) is "
                          f"{value!r}; it must be a finite number (is it in evaluate.metrics?)")
-    existing = _find_version(c, name, lineage["model_md5"])
-    if existing is not None and "promotion.decision" in existing.tags:
-        return Registration(name, str(existing.version), "unchanged", "this model artefact is registered already")
-    mv = existing if existing is not None else _log_and_register(c, name, model_dir, eval_dir, lineage, metrics)
+    mv = _find_version(c, name, lineage[ARTIFACT_TAG])
+    if mv is not None and DECISION in mv.tags:
+        if PENDING in mv.tags:  # crashed after its decision, before the clean-up
+            c.delete_model_version_tag(name, mv.version, PENDING)
+        return Registration(name, str(mv.version), "unchanged", "this model artefact is registered already")
+    if mv is None:
+        tags = {**lineage, "protocol": json.dumps(protocol, sort_keys=True), "protocol_key": protocol_key(protocol)}
+        mv = _log_and_register(c, name, model_dir, eval_dir, tags, metrics)
+    plan = json.loads(mv.tags[PENDING]) if PENDING in mv.tags else _judge(c, name, mv, float(value), cfg, protocol,
+                                                                          rescore)
+    _apply(c, name, str(mv.version), plan)
+    return Registration(name, str(mv.version), plan["decision"], plan["reason"])
 
+
+def _judge(c, name: str, mv, value: float, cfg: RegistryConfig, protocol: dict,
+           rescore: Callable[[str], float]) -> dict:
+    """Decide against today's champion and record the decision as pending on the version."""
+    metric, margin = cfg.gating_metric, cfg.min_improvement[cfg.gating_metric]
     champion = _champion(c, name)
-    champion_value = None
-    if champion is not None and str(champion.version) != str(mv.version):
-        if champion.tags.get("evaluator_md5") == lineage["evaluator_md5"]:
-            champion_value = float(champion.tags[f"metric.{cfg.gating_metric}"])
-        else:  # other evaluator features, other FID scale: judge the champion again on today's
-            champion_value = rescore(str(champion.version))
-            c.set_model_version_tag(name, mv.version, "promotion.champion_rescored", str(champion_value))
-    elif champion is not None:
-        champion = None  # a retried registration of the champion itself
-    promote, reason = decide(cfg.gating_metric, float(value), champion_value, cfg.min_improvement)
-    decision = ("champion" if champion is None else "promoted") if promote else "kept"
-    c.set_model_version_tag(name, mv.version, "promotion.decision", decision)
-    c.set_model_version_tag(name, mv.version, "promotion.reason", reason)
-    if champion is not None:
-        c.set_registered_model_alias(name, CHALLENGER, mv.version)
-    if promote:
-        c.set_registered_model_alias(name, CHAMPION, mv.version)
-    return Registration(name, str(mv.version), decision, reason)
+    if champion is not None and str(champion.version) == str(mv.version):
+        champion = None  # made champion by hand before it was judged: nothing to compare with
+    plan: dict = {"champion": None if champion is None else str(champion.version)}
+    if champion is None:
+        promote, reason = decide(metric, value, None, margin)
+    else:
+        try:
+            champion_value = _champion_score(c, name, champion, metric, protocol, rescore)
+        except ChampionUnscorable as exc:
+            promote = True
+            reason = (f"champion v{champion.version} cannot be scored under today's protocol ({exc}); "
+                      f"promoted on its own {metric} {value:.4g}")
+        else:
+            promote, reason = decide(metric, value, champion_value, margin)
+            plan["champion_score"] = champion_value
+    plan["decision"] = ("champion" if champion is None else "promoted") if promote else "kept"
+    plan["reason"] = reason
+    c.set_model_version_tag(name, mv.version, PENDING, json.dumps(plan, sort_keys=True))
+    return plan
 
 
-def _log_and_register(c, name: str, model_dir: Path, eval_dir: Path, lineage: dict[str, str], metrics: dict):
+def _champion_score(c, name: str, champion, metric: str, protocol: dict, rescore: Callable[[str], float]) -> float:
+    """The champion's `metric` under `protocol`: its registration score, a stored re-score, or a
+    new re-score, stored on the champion with its protocol so it is measured once."""
+    key = protocol_key(protocol)
+    if champion.tags.get("protocol_key") == key and f"metric.{metric}" in champion.tags:
+        return float(champion.tags[f"metric.{metric}"])
+    stored = champion.tags.get(f"score.{key}.{metric}")
+    if stored is not None:
+        return float(stored)
+    value = float(rescore(str(champion.version)))
+    if not math.isfinite(value):
+        raise ChampionUnscorable(f"re-scored {metric} is {value}")
+    c.set_model_version_tag(name, champion.version, f"score.{key}.protocol", json.dumps(protocol, sort_keys=True))
+    c.set_model_version_tag(name, champion.version, f"score.{key}.{metric}", repr(value))
+    return value
+
+
+def _apply(c, name: str, version: str, plan: dict) -> None:
+    """Move the aliases as planned, unless the champion changed since the plan was made."""
+    current = _champion(c, name)
+    current_version = None if current is None else str(current.version)
+    if current_version not in (plan["champion"], version):
+        c.delete_model_version_tag(name, version, PENDING)
+        raise ChampionChanged(
+            f"{name}: the champion is v{current_version} now, v{plan['champion']} when v{version} was judged "
+            f"(another registration ran meanwhile); register again to judge v{version} against v{current_version}")
+    if plan["champion"] is not None:
+        c.set_registered_model_alias(name, CHALLENGER, version)
+    if plan["decision"] != "kept" and current_version != version:
+        c.set_registered_model_alias(name, CHAMPION, version)
+    if "champion_score" in plan:
+        c.set_model_version_tag(name, version, "promotion.champion_score", repr(plan["champion_score"]))
+    c.set_model_version_tag(name, version, REASON, plan["reason"])
+    c.set_model_version_tag(name, version, DECISION, plan["decision"])
+    c.delete_model_version_tag(name, version, PENDING)
+
+
+def pip_requirements() -> list[str]:
+    """Exact pins PyPI can serve: a local build's version (2.14.1+cu128) pins its public part."""
+    from packaging.version import Version
+
+    return [f"{pkg}=={Version(version(pkg)).public}" for pkg in REQUIREMENTS]
+
+
+def _log_and_register(c, name: str, model_dir: Path, eval_dir: Path, tags: dict[str, str], metrics: dict):
     import mlflow
 
-    run_id = lineage.get("training_run_id")
+    run_id = tags.get("training_run_id")
     if not run_id or not _run_exists(c, run_id):
         run_id = c.create_run(ensure_experiment(name), run_name="registration",
                               tags={"genpipe.note": "training run not found in this tracking store"}).info.run_id
@@ -107,10 +195,10 @@ def _log_and_register(c, name: str, model_dir: Path, eval_dir: Path, lineage: di
             python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # models-from-code: nothing pickled
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(Path(__file__).resolve().parents[1])],  # the components package
-            pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in REQUIREMENTS],
+            pip_requirements=pip_requirements(),
         )
     return mlflow.register_model(info.model_uri, name, tags={
-        **lineage, **{f"metric.{k}": str(v) for k, v in metrics.items()}})
+        **tags, **{f"metric.{k}": str(v) for k, v in metrics.items()}})
 
 
 def _run_exists(c, run_id: str) -> bool:
@@ -119,5 +207,7 @@ def _run_exists(c, run_id: str) -> bool:
     try:
         c.get_run(run_id)
         return True
-    except MlflowException:
-        return False
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            return False
+        raise

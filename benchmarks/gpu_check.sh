@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one short call (the device machine is lent for minutes):
+#   bash benchmarks/gpu_check.sh        (after `make setup`; writes logs to $OUT or ./gpu-check)
+# 1. CUDA unit checks (evaluation with model, classifier and metric states on the GPU);
+# 2. the end-to-end story on the tiny data, every stage on the GPU (GENPIPE_DEVICE=cuda);
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-check}"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+status=0
+.venv/bin/pytest -q -rs tests/gpu 2>&1 | tee "$out/cuda-tests.log" || status=1
+GENPIPE_DEVICE=cuda .venv/bin/pytest -q -x tests/test_pipeline_e2e.py 2>&1 | tee "$out/e2e-cuda.log" || status=1
+exit $status

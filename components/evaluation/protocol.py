@@ -1,0 +1,33 @@
+"""A score's protocol: everything that must be equal for two scores to be compared.
+
+Two FIDs are comparable only when they come from the same evaluator, the same reference images,
+the same sample count and seed, the same metric code and the same compared image size. The
+registry stores each score with its protocol and its key, and re-scores a champion whose stored
+scores were measured under another protocol.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from components.config import EvaluateConfig
+from components.evaluation.classifier import INPUT_SIZE
+
+
+def score_protocol(cfg: EvaluateConfig, *, evaluator: str, dataset_version: str, image_size: int) -> dict:
+    from components.pipeline import source_hash
+
+    return {
+        "evaluator": evaluator,  # DVC hash of the classifier whose features the metrics use
+        "reference": {"dataset_version": dataset_version, "split": "test", "seed": cfg.seed},
+        "num_samples": cfg.num_samples,
+        "seed": cfg.seed,
+        "kid_subset_size": cfg.kid_subset_size,
+        "metrics_code": source_hash("evaluation"),
+        "image_size": image_size,  # samples and real images are compared at this size ...
+        "classifier_input": INPUT_SIZE,  # ... then resized to the classifier's input
+    }
+
+
+def protocol_key(protocol: dict) -> str:
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,45 @@
+"""Checks that need a GPU: skipped on CPU-only machines, run by benchmarks/gpu_check.sh on one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.config import EvaluateConfig
+from components.evaluation.classifier import Classifier
+from components.evaluation.evaluate import evaluate_model, score_samples
+from components.evaluation.grid import sample_uint8, to_uint8
+from components.models import FAMILIES, build_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny(family: str):
+    cls = FAMILIES.get(family).config
+    fields = {"family": family, "image_size": 28, "epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": 0,
+              "latent_dim": 4, "width": 4, "beta": 1.0, "ngf": 4, "ndf": 4, "beta1": 0.5}
+    return build_model(cls.model_validate({k: v for k, v in fields.items() if k in cls.model_fields}), 1, 10)
+
+
+@pytest.mark.parametrize("family", ["vae", "dcgan"])
+def test_evaluation_on_cuda_matches_the_cpu(family):
+    """Model and classifier on the GPU, metric states created there too (torchmetrics moves nothing)."""
+    torch.manual_seed(0)
+    model, classifier = tiny(family).eval(), Classifier(1, 10, 8).eval()
+    real = to_uint8(torch.rand(64, 1, 28, 28) * 2 - 1)
+    cfg = EvaluateConfig(metrics=["fid", "kid", "class_coverage", "recon_mse"], num_samples=60,
+                         kid_subset_size=20, grid_size=4, seed=0)
+    on_cpu = evaluate_model(model, classifier, real, cfg)
+    on_gpu = evaluate_model(model.cuda(), classifier.cuda(), real, cfg)
+    assert on_gpu.keys() == on_cpu.keys()
+    for key in on_cpu:
+        assert on_gpu[key] == pytest.approx(on_cpu[key], rel=1e-2, abs=1e-3), key
+
+
+def test_cpu_samples_scored_by_a_gpu_classifier():
+    """The champion's re-score: samples arrive on the CPU, the evaluator runs on the GPU."""
+    torch.manual_seed(0)
+    model, classifier = tiny("dcgan").eval(), Classifier(1, 10, 8).eval().cuda()
+    real = to_uint8(torch.rand(64, 1, 28, 28) * 2 - 1)
+    cfg = EvaluateConfig(metrics=["fid", "kid"], num_samples=60, kid_subset_size=20, grid_size=4, seed=0)
+    out = score_samples(sample_uint8(model, 60, seed=0), real, classifier, cfg)
+    assert out["fid"] >= 0 and out["kid"] == out["kid"]
