@@ -6,7 +6,8 @@
 The baseline is the loop pytorch/examples writes (mnist/vae/dcgan): a Dataset that turns each uint8
 image into a PIL image, then ToTensor + Normalize((0.5,), (0.5,)); a DataLoader(batch, shuffle=True,
 num_workers=2, drop_last=True); and a hand-written update that calls the model's submodules directly.
-Ours is Trainer(model, cfg with epochs=1).fit(uint8 images, labels), preloaded in memory.
+Ours is Trainer(model, cfg with epochs=1, log_every from params.yaml tracking).fit(uint8 images, labels),
+preloaded in memory.
 
 Timed, for both: optimizer creation and one epoch over N images (drop_last, so N // batch * batch).
 The baseline's time includes creating the DataLoader and starting its workers, as a user pays them.
@@ -129,10 +130,10 @@ def run_baseline(cfg, channels, images: np.ndarray, labels: np.ndarray) -> float
     return seen / (time.perf_counter() - start)
 
 
-def run_trainer(cfg, channels, images: torch.Tensor, labels: torch.Tensor) -> float:
+def run_trainer(cfg, channels, images: torch.Tensor, labels: torch.Tensor, log_every: int) -> float:
     model = fresh_model(cfg, channels)
     start = time.perf_counter()
-    Trainer(model, cfg.model_copy(update={"epochs": 1}), progress=False).fit(images, labels)
+    Trainer(model, cfg.model_copy(update={"epochs": 1}), log_every=log_every, progress=False).fit(images, labels)
     seen = images.shape[0] // cfg.batch_size * cfg.batch_size
     return seen / (time.perf_counter() - start)
 
@@ -170,11 +171,11 @@ def main() -> int:
         channels = images.shape[1]
         warm = 4 * cfg.batch_size  # torch's lazy init, the allocator, the DataLoader's first fork
         run_baseline(cfg, channels, images[:warm], labels[:warm])
-        run_trainer(cfg, channels, images_t[:warm], labels_t[:warm])
+        run_trainer(cfg, channels, images_t[:warm], labels_t[:warm], params.tracking.log_every)
         base, ours = [], []
         for r in range(args.repeats):  # interleaved, so drift in machine load hits both alike
             base.append(run_baseline(cfg, channels, images, labels))
-            ours.append(run_trainer(cfg, channels, images_t, labels_t))
+            ours.append(run_trainer(cfg, channels, images_t, labels_t, params.tracking.log_every))
             print(f"  {name} repeat {r + 1}: baseline {base[-1]:8.0f} img/s, trainer {ours[-1]:8.0f} img/s",
                   flush=True)
         b, o = statistics.median(base), statistics.median(ours)

@@ -10,9 +10,9 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -64,6 +64,12 @@ class TrainConfig(Frozen):
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
     seed: int = Field(ge=0)
+
+
+class TrackingConfig(Frozen):
+    """How often training logs and checkpoints: it never changes the weights, so DVC and the
+    checkpoint's resume key leave it out (a section of its own, not part of train.<name>)."""
+
     log_every: int = Field(gt=0)
     checkpoint_every: int = Field(gt=0)
 
@@ -89,13 +95,23 @@ class EvaluateConfig(Frozen):
 
 class RegistryConfig(Frozen):
     gating_metric: Literal["fid", "kid"]
-    min_improvement: float = Field(ge=0)
+    # One margin per metric: FID is in the tens, KID in thousandths, so a FID margin is no KID margin.
+    min_improvement: dict[Literal["fid", "kid"], Annotated[float, Field(ge=0)]]
+
+    @field_validator("min_improvement")
+    @classmethod
+    def _margin_for_gating_metric(cls, value: dict, info: ValidationInfo) -> dict:
+        metric = info.data.get("gating_metric")
+        if metric is not None and metric not in value:
+            raise ValueError(f"no margin for the gating metric {metric!r}; add registry.min_improvement.{metric}")
+        return value
 
 
 class Params(Frozen):
     data: DataConfig
     classifier: ClassifierConfig
     train: dict[str, TrainConfig]
+    tracking: TrackingConfig
     evaluate: EvaluateConfig
     registry: RegistryConfig
 
@@ -126,8 +142,13 @@ def _describe(err: dict, prefix: tuple = ()) -> str:
     return f"{path}: {rule}, got {err['input']!r}"
 
 
+MODEL_NAME = r"^[a-z0-9][a-z0-9_-]*$"  # model names become shell arguments, paths and registry names
+
+
 def parse_params(raw: Any) -> Params:
     """Validate a params mapping; raise ConfigError listing every problem."""
+    import re
+
     from components.models import FAMILIES
 
     if not isinstance(raw, dict):
@@ -137,6 +158,9 @@ def parse_params(raw: Any) -> Params:
     train: dict[str, TrainConfig] = {}
     if isinstance(train_raw, dict):
         for name, section in train_raw.items():
+            if not isinstance(name, str) or not re.fullmatch(MODEL_NAME, name):
+                problems.append(f"train.{name}: model name must match {MODEL_NAME}, got {name!r}")
+                continue
             family = section.get("family") if isinstance(section, dict) else None
             if not isinstance(family, str) or family not in FAMILIES:
                 problems.append(f"train.{name}.family: must be one of {FAMILIES.names()}, got {family!r}")

@@ -18,15 +18,28 @@ from components.training.checkpoint import load_weights, save_weights, write_jso
 
 @contextmanager
 def staged_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary folder that replaces out_dir only if the block succeeds."""
+    """Yield a temporary folder that replaces out_dir only if the block succeeds.
+
+    Temp names are `.{name}.tmp-*` and `.{name}.old-*` beside out_dir: what a killed run leaves
+    there is swept at the next start (components.workspace.sweep_stale).
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        old = None
+        if out_dir.exists():  # moved aside, not deleted, until the new folder is in place
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            out_dir.rename(old / "data")
+        try:
+            tmp.rename(out_dir)
+        except BaseException:
+            if old is not None:
+                (old / "data").rename(out_dir)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -42,8 +55,10 @@ def source_hash(*packages: str) -> str:
 
 
 def dataset_version(data_dir: Path) -> str:
-    """Content hash of the packed dataset's manifest (it lists every item's sha256)."""
-    return hashlib.sha256((Path(data_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
+    """Content hash of the packed data (pixels, labels, classes, splits), recorded at ingest."""
+    from components.data.pack import dataset_version as packed_version
+
+    return packed_version(data_dir)
 
 
 def ingest_stage(params: Params, out_dir: Path, metrics_path: Path) -> dict:
@@ -90,13 +105,15 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
     manifest = read_manifest(data_dir)
     images, labels = load_split(data_dir, "train")
     channels, classes = images.shape[1], manifest["classes"]
-    model = build_model(cfg, channels, len(classes))
+    model = build_model(cfg, channels, len(classes))  # initial weights from cfg.seed
     registered_name = f"{params.data.name}-{name}"
     data_version = dataset_version(data_dir)
     tags = {"genpipe.stage": f"train@{name}", "genpipe.manifest_sha256": data_version,
             "genpipe.model_params_hash": config_hash(cfg), "genpipe.family": cfg.family}
     with training_run(registered_name, run_name=f"train-{name}", params=cfg.model_dump(), tags=tags) as log_metrics:
-        trainer = Trainer(model, cfg, checkpoint_path=checkpoint_path(registered_name),
+        trainer = Trainer(model, cfg, name=name, log_every=params.tracking.log_every,
+                          checkpoint_every=params.tracking.checkpoint_every,
+                          checkpoint_path=checkpoint_path(registered_name),
                           resume_key=f"{data_version}-{source_hash('models', 'training')}", log_fn=log_metrics,
                           device=device())
         metrics = trainer.fit(images, labels)
@@ -126,12 +143,19 @@ def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Pa
 
 
 def rescore_registered(model_uri: str, metric: str, params: Params, data_dir: Path, classifier_dir: Path) -> float:
-    """`metric` of a registered model measured with today's evaluator and held-out data."""
-    import mlflow.pyfunc
+    """`metric` of a registered model under today's protocol: samples drawn by the model's own
+    registered code (in a subprocess), scored with today's evaluator and held-out data."""
+    import torch
 
-    from components.evaluation.evaluate import evaluate_model
+    from components.evaluation.evaluate import NonFiniteMetric, reference_subset, score_samples
+    from components.evaluation.grid import NonFiniteSamples
+    from components.tracking.champion_samples import RegisteredModelUnloadable, registered_samples
+    from components.tracking.registry import ChampionUnscorable
 
-    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
     real, _ = load_split(data_dir, "test")
     cfg = params.evaluate.model_copy(update={"metrics": [metric]})
-    return float(evaluate_model(model.to(device()), load_classifier(classifier_dir), real, cfg)[metric])
+    try:
+        fake, _ = registered_samples(model_uri, reference_subset(real, cfg).shape[0], cfg.seed)
+        return float(score_samples(torch.from_numpy(fake), real, load_classifier(classifier_dir), cfg)[metric])
+    except (RegisteredModelUnloadable, NonFiniteSamples, NonFiniteMetric) as exc:
+        raise ChampionUnscorable(str(exc)) from exc

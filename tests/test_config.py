@@ -104,6 +104,17 @@ def test_missing_section_reported(raw):
     assert "registry: missing" in problems_of(raw)
 
 
+def test_log_and_checkpoint_intervals_live_outside_the_model_sections(raw):
+    params = parse_params(raw)
+    assert (params.tracking.log_every, params.tracking.checkpoint_every) == (50, 1000)
+    assert "log_every" not in params.model("dcgan").model_dump()  # not in model.json or the resume key
+    raw["tracking"]["log_every"] = 0
+    raw["train"]["vae"]["checkpoint_every"] = 10
+    problems = problems_of(raw)
+    assert "tracking.log_every: must be > 0, got 0" in problems
+    assert "train.vae.checkpoint_every: unknown key" in problems
+
+
 def test_unknown_metric_lists_valid(raw):
     raw["evaluate"]["metrics"] = ["fid", "inception_score"]
     message = problems_of(raw)
@@ -216,3 +227,11 @@ def test_write_params_raw_round_trip_keeps_comments(tmp_path):
 def test_unhashable_family_is_config_error(raw):
     raw["train"]["vae"]["family"] = ["vae"]
     assert "train.vae.family: must be one of" in problems_of(raw)
+
+
+def test_a_gating_metric_without_its_own_margin_is_refused(raw):
+    raw["registry"]["gating_metric"] = "kid"  # the shipped margin is FID's: 5 would never let a KID through
+    assert ("registry.min_improvement: no margin for the gating metric 'kid'; "
+            "add registry.min_improvement.kid") in problems_of(raw)
+    raw["registry"]["min_improvement"]["kid"] = 0.001
+    assert parse_params(raw).registry.min_improvement == {"fid": 5.0, "kid": 0.001}

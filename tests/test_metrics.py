@@ -108,8 +108,7 @@ def tiny_model(family: str, channels: int = 1, image_size: int = 28):
     small = {"vae": {"latent_dim": 4, "width": 4, "beta": 1.0},
              "dcgan": {"latent_dim": 4, "ngf": 4, "ndf": 4, "beta1": 0.5}}[family]
     cfg = FAMILIES.get(family).config.model_validate({
-        "family": family, "image_size": image_size, "epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": 0,
-        "log_every": 1, "checkpoint_every": 1, **small})
+        "family": family, "image_size": image_size, "epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": 0, **small})
     torch.manual_seed(0)
     return build_model(cfg, channels, num_classes=10).eval()
 
@@ -201,3 +200,49 @@ def test_sample_uint8_puts_model_in_eval_mode():
     first = sample_uint8(model, 4, seed=1)
     assert not model.training
     assert torch.equal(first, sample_uint8(model, 4, seed=1))
+
+
+class _BrokenGenerator(torch.nn.Module):
+    """A model whose weights went NaN: every sample is NaN."""
+
+    channels, image_size, conditional = 1, 28, False
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor(float("nan")))
+
+    def sample(self, n, generator=None, labels=None):
+        return self.weight * torch.ones(n, 1, 28, 28)
+
+
+def test_non_finite_samples_fail_the_evaluation_with_a_message(classifier):
+    from components.evaluation.grid import NonFiniteSamples
+
+    cfg = EvaluateConfig(metrics=["fid"], num_samples=20, kid_subset_size=10, grid_size=4, seed=0)
+    with pytest.raises(NonFiniteSamples, match="NaN or infinite pixels"):
+        evaluate_model(_BrokenGenerator(), classifier, to_uint8(structured_set(20)), cfg)
+
+
+def test_non_finite_features_fail_the_evaluation_instead_of_crashing_it(real):
+    from components.evaluation.classifier import NonFiniteFeatures
+    from components.evaluation.evaluate import score_samples
+
+    cfg = EvaluateConfig(metrics=["fid"], num_samples=40, kid_subset_size=10, grid_size=4, seed=0)
+    with torch.no_grad():
+        broken = Classifier(channels=1, num_classes=10, width=8).eval()
+        for p in broken.parameters():
+            p.fill_(float("inf"))
+    with pytest.raises(NonFiniteFeatures, match="NaN or infinite"):
+        score_samples(to_uint8(real[:40]), to_uint8(real[:40]), broken, cfg)
+
+
+def test_scoring_stored_samples_equals_evaluating_the_model(classifier):
+    """The champion's re-score (samples drawn elsewhere, scored here) matches evaluating it directly."""
+    from components.evaluation.evaluate import score_samples
+
+    model = tiny_model("vae")
+    real_u8 = to_uint8(structured_set(50))
+    cfg = EvaluateConfig(metrics=["fid", "kid"], num_samples=30, kid_subset_size=10, grid_size=4, seed=2)
+    direct = evaluate_model(model, classifier, real_u8, cfg)
+    stored = score_samples(sample_uint8(model, 30, seed=2), real_u8, classifier, cfg)
+    assert stored == direct

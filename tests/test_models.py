@@ -21,7 +21,7 @@ PHASES = {"vae": ["vae"], "dcgan": ["discriminator", "generator"]}
 def small_cfg(family: str, image_size: int = 28, **overrides):
     fields = {
         "family": family, "image_size": image_size, "epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": 0,
-        "log_every": 1, "checkpoint_every": 100, **SMALL[family], **overrides,
+        **SMALL[family], **overrides,
     }
     return FAMILIES.get(family).config.model_validate(fields)
 
@@ -82,6 +82,35 @@ def test_training_losses_phases_and_finite_scalar_losses(family, size, channels)
             assert torch.isfinite(value).all(), name
     assert phases == PHASES[family]
     assert sorted(model.optimizers()) == sorted(PHASES[family])  # one optimizer per phase
+
+
+@pytest.mark.parametrize("family", ["vae", "dcgan"])
+def test_initial_weights_depend_on_cfg_seed_alone(family):
+    torch.manual_seed(1)
+    a = build_model(small_cfg(family), 1, 10).state_dict()
+    after_a = torch.rand(3)
+    torch.manual_seed(2)
+    b = build_model(small_cfg(family), 1, 10).state_dict()
+    c = build_model(small_cfg(family, seed=5), 1, 10).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_a)  # building did not advance the caller's RNG
+
+
+@pytest.mark.parametrize("family", ["vae", "dcgan"])
+def test_training_noise_is_drawn_from_the_given_generator(family):
+    model = make(family, 28, 1).train()
+    x, y = batch(4, 1, 28)
+
+    def losses(noise_seed: int, global_seed: int) -> list[float]:
+        torch.manual_seed(global_seed)
+        with torch.no_grad():
+            return [out.loss.item() for _, out in
+                    model.training_losses(x, y, torch.Generator().manual_seed(noise_seed))]
+
+    assert losses(3, global_seed=0) == losses(3, global_seed=1)
+    assert losses(3, global_seed=0) != losses(4, global_seed=0)
 
 
 @pytest.mark.parametrize("size", [28, 64])

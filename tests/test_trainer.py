@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from components.models import FAMILIES, build_model
+from components.models import FAMILIES, StepOutput, build_model
+from components.training.checkpoint import save_checkpoint
 from components.training.trainer import Trainer, to_model_input
 
 
@@ -21,13 +24,12 @@ SMALL = {
 def small_cfg(family: str, **overrides):
     fields = {
         "family": family, "image_size": 28, "epochs": 4, "batch_size": 16, "lr": 3e-3, "seed": 0,
-        "log_every": 2, "checkpoint_every": 1000, **SMALL[family], **overrides,
+        **SMALL[family], **overrides,
     }
     return FAMILIES.get(family).config.model_validate(fields)
 
 
 def make(cfg):
-    torch.manual_seed(123)
     return build_model(cfg, 1, num_classes=4)
 
 
@@ -55,9 +57,8 @@ def fixed_loss(model, x, y, phase_index: int = 0) -> float:
     was_training = model.training
     state = copy.deepcopy(model.state_dict())  # batch-norm running stats would move in train mode
     model.train()
-    torch.manual_seed(99)
     with torch.no_grad():
-        phases = model.training_losses(x, y)
+        phases = model.training_losses(x, y, torch.Generator().manual_seed(99))
         for _ in range(phase_index):
             next(phases)
         loss = next(phases)[1].loss.item()
@@ -132,10 +133,10 @@ def test_dcgan_training_updates_both_players_and_stays_finite():
 
 def test_log_callback_gets_averaged_values_and_throughput():
     images, labels = structured_images()
-    cfg = small_cfg("vae", epochs=2, log_every=3)  # 4 steps/epoch, 8 in all: logs at 3, 6 and the last (8)
+    cfg = small_cfg("vae", epochs=2)  # 4 steps/epoch, 8 in all: logs at 3, 6 and the last (8)
     calls = []
-    last = Trainer(make(cfg), cfg, progress=False, log_fn=lambda values, step: calls.append((step, values))).fit(
-        images, labels)
+    last = Trainer(make(cfg), cfg, log_every=3, progress=False,
+                   log_fn=lambda values, step: calls.append((step, values))).fit(images, labels)
     assert [step for step, _ in calls] == [3, 6, 8]
     for _, values in calls:
         assert {"loss", "recon", "kl", "images_per_sec", "epoch"} <= set(values)
@@ -161,78 +162,230 @@ def test_checkpoint_is_safely_loadable_and_complete(tmp_path):
     trainer = Trainer(model, cfg, checkpoint_path=path, resume_key="data-v1", progress=False)
     trainer.fit(images, labels)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    assert {"model", "optimizers", "step", "rng", "config"} <= set(state)
+    assert {"model", "optimizers", "step", "rng", "config", "last"} <= set(state)
     assert state["step"] == trainer.step == 2
     assert set(state["optimizers"]) == {"discriminator", "generator"}
     assert state["config"] == cfg.model_dump(mode="json")
-    assert state["rng"].dtype == torch.uint8
+    assert state["rng"]["global"].dtype == state["rng"]["noise"].dtype == torch.uint8
+    assert state["last"] == trainer.last and "loss_d" in state["last"]
     for k, v in model.state_dict().items():
         assert torch.equal(state["model"][k], v), k
     assert [p.name for p in path.parent.iterdir()] == ["train.pt"]  # no temp files left behind
 
 
-def test_finished_checkpoint_or_other_key_starts_fresh(tmp_path, capsys):
+def test_checkpoint_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+    assert len(events) == 3
+    (kind, tmp), rename, folder = events
+    assert kind == "fsync" and Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".last.pt.")
+    assert rename == ("replace", str(path))
+    assert folder == ("fsync", str(tmp_path))
+
+
+def test_finished_checkpoint_of_the_same_key_is_the_result(tmp_path, capsys):
     images, labels = structured_images(32)
     cfg = small_cfg("vae", epochs=2)  # 2 steps/epoch
     path = tmp_path / "train.pt"
-    first = Trainer(make(cfg), cfg, checkpoint_path=path, resume_key="k1", progress=False)
-    first.fit(images, labels)
-    assert first.step == 4
+    first_model = make(cfg)
+    first = Trainer(first_model, cfg, checkpoint_path=path, resume_key="k1", progress=False)
+    first_last = first.fit(images, labels)
+    capsys.readouterr()
 
+    def no_training(*args):
+        raise AssertionError("trained again")
+
+    model = make(cfg)
+    model.training_losses = no_training
     calls = []
-    again = Trainer(make(cfg), cfg, checkpoint_path=path, resume_key="k1", progress=False,
-                    log_fn=lambda values, step: calls.append(step))
-    again.fit(images, labels)  # asked to train again (e.g. dvc repro -f): a finished run is not reused
-    assert "finished run; starting fresh" in capsys.readouterr().out
-    assert calls == [2, 4] and again.step == 4
+    again = Trainer(model, cfg, checkpoint_path=path, resume_key="k1", progress=False,
+                    log_fn=lambda values, step: calls.append((step, values)))
+    # killed after the final checkpoint but before the outputs were written: load, do not retrain
+    assert again.fit(images, labels) == first_last
+    assert "not training again" in capsys.readouterr().out
+    assert calls == [(4, first_last)] and again.step == 4 and not model.training
+    for k, v in first_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
 
-    calls.clear()
-    other = Trainer(make(cfg), cfg, checkpoint_path=path, resume_key="k2", progress=False,
+
+def test_checkpoint_of_other_key_or_config_starts_fresh(tmp_path, capsys):
+    images, labels = structured_images(32)
+    cfg = small_cfg("vae", epochs=2)
+    path = tmp_path / "train.pt"
+    Trainer(make(cfg), cfg, checkpoint_path=path, resume_key="k1", progress=False).fit(images, labels)
+    calls = []
+    other = Trainer(make(cfg), cfg, checkpoint_path=path, resume_key="k2", log_every=2, progress=False,
                     log_fn=lambda values, step: calls.append(step))
     other.fit(images, labels)
-    assert "starting fresh" in capsys.readouterr().out
+    assert "other params, data or code; starting fresh" in capsys.readouterr().out
     assert calls == [2, 4] and other.step == 4
     assert torch.load(path, weights_only=True)["resume_key"] == "k2"
 
-
-def test_changed_config_starts_fresh(tmp_path, capsys):
-    images, labels = structured_images(32)
-    cfg = small_cfg("vae", epochs=1)
-    path = tmp_path / "train.pt"
-    Trainer(make(cfg), cfg, checkpoint_path=path, progress=False).fit(images, labels)
-    other_cfg = small_cfg("vae", epochs=1, lr=1e-3)
-    trainer = Trainer(make(other_cfg), other_cfg, checkpoint_path=path, progress=False)
+    other_cfg = small_cfg("vae", epochs=2, lr=1e-3)
+    trainer = Trainer(make(other_cfg), other_cfg, checkpoint_path=path, resume_key="k2", progress=False)
     trainer.fit(images, labels)
     assert "starting fresh" in capsys.readouterr().out
-    assert trainer.step == 2
+    assert torch.load(path, weights_only=True)["config"]["lr"] == 1e-3
 
 
 class Interrupt(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_identical_weights(tmp_path):
-    images, labels = structured_images(48)
-    cfg = small_cfg("vae", epochs=3, log_every=1, checkpoint_every=2)  # 3 steps/epoch, 9 in all
+def crash_at(step_to_crash: int):
+    def log_fn(values, step):
+        if step == step_to_crash:
+            raise Interrupt
+    return log_fn
 
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("family", ["vae", "dcgan"])
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, family):
+    images, labels = structured_images(48)
+    cfg = small_cfg(family, epochs=3)  # 3 steps/epoch, 9 in all
     straight = make(cfg)
     Trainer(straight, cfg, progress=False).fit(images, labels)
 
     path = tmp_path / "train.pt"
-
-    def crash_at_5(values, step):
-        if step == 5:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        Trainer(make(cfg), cfg, checkpoint_path=path, log_fn=crash_at_5, progress=False).fit(images, labels)
+        Trainer(make(cfg), cfg, checkpoint_path=path, log_every=1, checkpoint_every=2, log_fn=crash_at(5),
+                progress=False).fit(images, labels)
     assert torch.load(path, weights_only=True)["step"] == 4  # the last periodic checkpoint
 
     resumed_model = make(cfg)
     steps = []
-    resumed = Trainer(resumed_model, cfg, checkpoint_path=path, progress=False,
-                      log_fn=lambda values, step: steps.append(step))
-    resumed.fit(images, labels)
+    # other intervals than the interrupted run's: they are not part of what a checkpoint must match
+    Trainer(resumed_model, cfg, checkpoint_path=path, log_every=1, checkpoint_every=1000, progress=False,
+            log_fn=lambda values, step: steps.append(step)).fit(images, labels)
     assert steps == [5, 6, 7, 8, 9]
-    for k, v in straight.state_dict().items():
-        assert torch.allclose(resumed_model.state_dict()[k].float(), v.float(), atol=1e-6), k
+    assert_same_weights(resumed_model, straight)
+
+
+def interrupted_checkpoint(tmp_path, cfg, images, labels) -> Path:
+    path = tmp_path / "last.pt"
+    with pytest.raises(Interrupt):
+        Trainer(make(cfg), cfg, checkpoint_path=path, resume_key="k", log_every=1, checkpoint_every=2,
+                log_fn=crash_at(3), progress=False).fit(images, labels)
+    return path
+
+
+def test_truncated_checkpoint_is_moved_aside_and_training_starts_fresh(tmp_path):
+    images, labels = structured_images(32)
+    cfg = small_cfg("dcgan", epochs=2)
+    path = interrupted_checkpoint(tmp_path, cfg, images, labels)
+    truncated = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(truncated)
+
+    model, steps = make(cfg), []
+    with pytest.warns(UserWarning, match=r"last\.pt is unusable .*moved it to last\.pt\.corrupt-.*starting fresh"):
+        Trainer(model, cfg, checkpoint_path=path, resume_key="k", log_every=1, progress=False,
+                log_fn=lambda values, step: steps.append(step)).fit(images, labels)
+    assert steps == [1, 2, 3, 4]
+    [aside] = tmp_path.glob("last.pt.corrupt-*")
+    assert aside.read_bytes() == truncated  # kept for a post-mortem
+    assert torch.load(path, weights_only=True)["step"] == 4
+    straight = make(cfg)
+    Trainer(straight, cfg, progress=False).fit(images, labels)
+    assert_same_weights(model, straight)
+
+
+def _wrong_model_shape(state):
+    key = list(state["model"])[-2]  # a late tensor: the earlier ones would already be copied in
+    state["model"][key] = torch.zeros(3)
+
+
+def _wrong_rng(state):
+    state["rng"]["noise"] = torch.zeros(3, dtype=torch.uint8)  # fails after model and optimizers loaded
+
+
+def _missing_optimizer(state):
+    del state["optimizers"]["generator"]
+
+
+@pytest.mark.parametrize("damage", [_wrong_model_shape, _wrong_rng, _missing_optimizer])
+def test_incompatible_checkpoint_is_moved_aside_without_half_loading_it(tmp_path, damage):
+    images, labels = structured_images(32)
+    cfg = small_cfg("dcgan", epochs=2)
+    path = interrupted_checkpoint(tmp_path, cfg, images, labels)
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+
+    model = make(cfg)
+    with pytest.warns(UserWarning, match="unusable"):
+        trainer = Trainer(model, cfg, checkpoint_path=path, resume_key="k", progress=False)
+        trainer.fit(images, labels)
+    assert len(list(tmp_path.glob("last.pt.corrupt-*"))) == 1
+    straight = make(cfg)
+    Trainer(straight, cfg, progress=False).fit(images, labels)
+    assert_same_weights(model, straight)  # a fresh start, not a mix of the checkpoint and the init
+
+
+def poison(model, phase: str, at_call: int):
+    """Make the model's `phase` loss NaN the at_call-th time it is computed."""
+    real, calls = model.training_losses, []
+
+    def training_losses(x, y, generator=None):
+        for name, out in real(x, y, generator):
+            if name == phase:
+                calls.append(name)
+                if len(calls) == at_call:
+                    out = StepOutput(out.loss * float("nan"), out.logs)
+            yield name, out
+
+    model.training_losses = training_losses
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
+    images, labels = structured_images(48)
+    cfg = small_cfg("dcgan", epochs=2)  # 3 steps/epoch
+    path = tmp_path / "last.pt"
+    model = make(cfg)
+    poison(model, "generator", at_call=4)
+    seen = {}
+
+    def remember_generator(values, step):
+        seen[step] = {k: v.clone() for k, v in model.generator.named_parameters()}
+
+    trainer = Trainer(model, cfg, name="tiny", checkpoint_path=path, log_every=1, checkpoint_every=2,
+                      log_fn=remember_generator, progress=False)
+    with pytest.raises(FloatingPointError,
+                       match=r"train\.tiny \(dcgan\): the 'generator' loss is nan at step 4 of 6; stopped before "
+                             r"applying that update; the last good checkpoint .*last\.pt is kept"):
+        trainer.fit(images, labels)
+    assert torch.load(path, weights_only=True)["step"] == 2  # no checkpoint written by the failing run's end
+    assert list(seen) == [1, 2, 3]
+    for k, v in model.generator.named_parameters():
+        assert torch.equal(v, seen[3][k]), k  # the generator as step 3 left it: the NaN update never applied
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_non_finite_loss_of_the_first_phase_leaves_the_weights_untouched():
+    images, labels = structured_images(16)
+    cfg = small_cfg("vae", epochs=1)
+    model = make(cfg)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    poison(model, "vae", at_call=1)
+    with pytest.raises(FloatingPointError, match=r"train\.vae \(vae\): the 'vae' loss is nan at step 1 of 1"):
+        Trainer(model, cfg, progress=False).fit(images, labels)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())

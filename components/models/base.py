@@ -34,6 +34,8 @@ class GenerativeModel(nn.Module):
     The trainer only walks `training_losses`: for each (phase, output) it yields, the trainer
     zeroes that phase's optimizer, backpropagates output.loss and steps. A generator function lets
     a GAN reuse one batch of fakes for its D and G phases, with D updated before G's loss is built.
+    All training noise is drawn from `generator` (the trainer's, on x's device, checkpointed with
+    it), never from the global RNG: a resumed run draws the same noise as an uninterrupted one.
     """
 
     conditional = False
@@ -44,7 +46,8 @@ class GenerativeModel(nn.Module):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 
-    def training_losses(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[str, StepOutput]]:
+    def training_losses(self, x: torch.Tensor, y: torch.Tensor,
+                        generator: torch.Generator | None = None) -> Iterator[tuple[str, StepOutput]]:
         raise NotImplementedError
 
     @torch.no_grad()

@@ -46,9 +46,10 @@ class DCGAN(GenerativeModel):
             "generator": torch.optim.Adam(self.generator.parameters(), lr=self.cfg.lr, betas=betas),
         }
 
-    def training_losses(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[str, StepOutput]]:
+    def training_losses(self, x: torch.Tensor, y: torch.Tensor,
+                        generator: torch.Generator | None = None) -> Iterator[tuple[str, StepOutput]]:
         n = x.shape[0]
-        fake = self.generator(torch.randn(n, self.latent_dim, device=x.device))
+        fake = self.generator(torch.randn(n, self.latent_dim, device=x.device, generator=generator))
         ones, zeros = torch.ones(n, 1, device=x.device), torch.zeros(n, 1, device=x.device)
 
         # D: maximise log D(x) + log(1 - D(G(z))); fakes detached so G gets no gradient here.

@@ -36,9 +36,11 @@ class VAE(GenerativeModel):
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar
 
-    def training_losses(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[str, StepOutput]]:
+    def training_losses(self, x: torch.Tensor, y: torch.Tensor,
+                        generator: torch.Generator | None = None) -> Iterator[tuple[str, StepOutput]]:
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)  # reparameterisation trick
+        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+        z = mu + eps * torch.exp(0.5 * logvar)  # reparameterisation trick
         logits = self.decoder(z)
         target = (x + 1) / 2  # pixels as Bernoulli probabilities in [0, 1]
         n = x.shape[0]
