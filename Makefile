@@ -34,5 +34,12 @@ bench: setup
 ui: setup
 	$(BIN)/genpipe ui
 
-clean:  # runtime state and pipeline outputs; the venv stays
-	rm -rf .genpipe artifacts dvc.lock
+# Runtime state (MLflow store, Prefect home, checkpoints) and pipeline outputs, to start over. The venv,
+# DVC's cache and the embedded DVC remote (.genpipe/dvc-remote: the pushed data versions) stay.
+# Refused while a retrain holds the workspace lock.
+clean:
+	@if [ -d .genpipe ]; then \
+	  flock -n .genpipe/retrain.lock true || { echo "make clean: a retrain is running (.genpipe/retrain.lock)"; exit 1; }; \
+	  find .genpipe -mindepth 1 -maxdepth 1 ! -name dvc-remote -exec rm -rf {} +; \
+	fi
+	rm -rf artifacts dvc.lock

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def state_dir() -> Path:
@@ -15,6 +17,17 @@ def state_dir() -> Path:
 
 def mlflow_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'}"
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with any password replaced by *** (`postgresql://user:***@host/db`), for printing."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def mlflow_artifact_root() -> str | None:
@@ -43,6 +56,8 @@ def configure_environment() -> None:
 
 def device() -> torch.device:
     """GENPIPE_DEVICE (cpu, cuda, cuda:1, …) or the first GPU when there is one."""
+    import torch  # not at import: the CLI reads state paths before it knows it needs torch
+
     wanted = os.environ.get("GENPIPE_DEVICE", "auto")
     if wanted == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

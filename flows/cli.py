@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 
+EXIT_BUSY = 75  # EX_TEMPFAIL: another retrain holds the workspace; try again later
+
+
 class UsageError(ValueError):
     """A request the user can fix; printed without a traceback."""
 
@@ -24,44 +27,68 @@ def _params(overrides: list[str] | None = None, write: bool = False):
     return params
 
 
+def _sweep(*outputs: Path) -> None:
+    """A stage command starts by removing what a killed run of it left beside its outputs."""
+    from components.workspace import sweep_stale
+
+    for stale in sweep_stale(outputs):
+        print(f"removed {stale}, left by an interrupted run")
+
+
 def cmd_ingest(args) -> None:
     from components.pipeline import ingest_stage
 
+    _sweep(args.out, args.metrics)
     ingest_stage(_params(), args.out, args.metrics)
 
 
 def cmd_classifier(args) -> None:
     from components.pipeline import classifier_stage
 
+    _sweep(args.out, args.metrics)
     classifier_stage(_params(), args.data, args.out, args.metrics)
 
 
 def cmd_train(args) -> None:
     from components.pipeline import train_stage
 
+    _sweep(args.out, args.metrics)
     train_stage(_params(), args.model, args.data, args.out, args.metrics)
 
 
 def cmd_evaluate(args) -> None:
     from components.pipeline import evaluate_stage
 
+    _sweep(args.out)
     evaluate_stage(_params(), args.model, args.data, args.classifier, args.model_dir, args.out)
 
 
-def cmd_retrain(args) -> None:
+def cmd_retrain(args) -> int:
     from components.config import PARAMS_FILE
+    from components.workspace import retrain_lock
 
-    original = Path(PARAMS_FILE).read_text()
-    _params(args.set, write=True)  # overrides go to params.yaml, so DVC records what actually ran
-    from flows.retrain import retrain
+    with retrain_lock(args.wait):  # one retrain per workspace, from the params write to the last registration
+        original = Path(PARAMS_FILE).read_text()
+        _params(args.set, write=True)  # overrides go to params.yaml, so DVC records what actually ran
+        from flows.retrain import RetrainFailed, retrain
 
-    try:
-        result = retrain()
-    except BaseException:
-        if args.set:  # a failed run must not leave its overrides behind for the next scheduled run
-            Path(PARAMS_FILE).write_text(original)
-            print(f"genpipe: retrain failed; {PARAMS_FILE} restored without --set {' '.join(args.set)}", file=sys.stderr)
-        raise
+        try:
+            result = retrain()
+        except BaseException as exc:
+            if args.set:  # a failed run must not leave its overrides behind for the next scheduled run
+                Path(PARAMS_FILE).write_text(original)
+                print(f"genpipe: retrain failed; {PARAMS_FILE} restored without --set {' '.join(args.set)}",
+                      file=sys.stderr)
+            if not isinstance(exc, RetrainFailed):
+                raise
+            _print_result(exc.result)
+            print(f"genpipe: {exc}", file=sys.stderr)
+            return 1
+    _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
     print(f"stages run: {', '.join(result.stages_run) or 'none (everything up to date)'}")
     for r in result.registrations:
         print(f"{r.name}: version {r.version}, {r.decision} — {r.reason}")
@@ -108,14 +135,19 @@ def _registered_models() -> str:
 
 
 def cmd_ui(args) -> None:
-    from components.state import mlflow_artifact_root, mlflow_tracking_uri
+    from components.state import mlflow_artifact_root, mlflow_tracking_uri, redact_uri
 
     uri = mlflow_tracking_uri()
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    if uri.startswith(("http:", "https:")):  # a tracking server serves its own UI
+        print(f"MLflow UI: open {redact_uri(uri)} (the tracking server serves it)")
+        return
+    # The store URI (it may hold a database password) goes by environment, not argv, so `ps` shows no secret.
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
+    command = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port)]
     if mlflow_artifact_root():
         command += ["--default-artifact-root", mlflow_artifact_root()]
-    print(f"MLflow UI for {uri}\n  open http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    os.execv(sys.executable, command)
+    print(f"MLflow UI for {redact_uri(uri)}\n  open http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    os.execve(sys.executable, command, env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, func, text)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a parameter, e.g. train.dcgan.epochs=1 (retrain writes it to params.yaml)")
+        if name == "retrain":
+            p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                           help="when another retrain holds this workspace, wait this long for it (default: exit)")
     p = add("sample", cmd_sample, "generate a grid from a registered model")
     p.add_argument("--model", required=True, help="NAME@ALIAS, e.g. fashion-mnist-dcgan@champion")
     p.add_argument("-n", type=int, default=64, help="number of images")
@@ -167,16 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     from components.config import ConfigError
     from components.data.sources import DataError
     from components.state import configure_environment
+    from components.workspace import LockBusy
 
     configure_environment()
     # Stage commands run by DVC must find this same `genpipe`.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ConfigError, DataError, UsageError, FileNotFoundError) as exc:
         print(f"genpipe: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except LockBusy as exc:
+        print(f"genpipe: {exc}", file=sys.stderr)
+        return EXIT_BUSY
 
 
 if __name__ == "__main__":

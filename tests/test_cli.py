@@ -91,3 +91,22 @@ def test_failed_retrain_takes_its_overrides_back(project):
     assert result.returncode != 0
     assert "params.yaml restored" in result.stderr
     assert (project / "params.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "-dash-first", "UPPER", "a/b"])
+def test_model_names_must_be_safe_for_shells_paths_and_the_registry(project, name):
+    text = (project / "params.yaml").read_text().replace("\n  vae:\n", f"\n  {name!r}:\n", 1)
+    (project / "params.yaml").write_text(text)
+    result = run_cli(["params"], project, GENPIPE_HOME=str(project / ".genpipe"))
+    assert result.returncode == 2
+    assert f"train.{name}: model name must match ^[a-z0-9][a-z0-9_-]*$, got {name!r}" in result.stderr
+
+
+@pytest.mark.parametrize("uri", ["postgresql://alice:s3cret-pw@127.0.0.1:1/mlflow", "https://alice:s3cret-pw@127.0.0.1:1/"])
+def test_ui_never_prints_a_password_from_the_tracking_uri(project, uri):
+    # The database is unreachable (or its driver missing), so the server gives up: all it said is here.
+    result = run_cli(["ui", "--port", str(_free_port())], project, GENPIPE_HOME=str(project / ".genpipe"),
+                     MLFLOW_TRACKING_URI=uri)
+    output = result.stdout + result.stderr
+    assert "s3cret-pw" not in output
+    assert "alice:***@127.0.0.1:1" in output

@@ -1,10 +1,12 @@
 """One end-to-end story on a tiny Fashion-MNIST subset, through the real Prefect engine, MLflow
-(SQLite) and DVC (local remote): first run, no-change rerun, one model's params changed, and a
-failing stage that must leave artefacts and registry as they were."""
+(SQLite) and DVC (local remote): first run, the README's Python snippet, no-change rerun (which
+sweeps leftovers of killed runs), one model's params changed, and a failing model that must leave
+its artefacts and registry entry as they were while the other model is still registered."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,8 +21,9 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 TINY = [
     "data.limit_per_split=160",
     "classifier.epochs=1", "classifier.batch_size=32",
-    "train.vae.epochs=1", "train.vae.batch_size=32", "train.vae.log_every=2", "train.vae.checkpoint_every=3",
-    "train.dcgan.epochs=1", "train.dcgan.batch_size=32", "train.dcgan.log_every=2", "train.dcgan.checkpoint_every=3",
+    "train.vae.epochs=1", "train.vae.batch_size=32",
+    "train.dcgan.epochs=1", "train.dcgan.batch_size=32",
+    "tracking.log_every=2", "tracking.checkpoint_every=3",
     "train.dcgan.ngf=16", "train.dcgan.ndf=16",
     "evaluate.num_samples=100", "evaluate.kid_subset_size=50", "evaluate.grid_size=16",
 ]
@@ -44,7 +47,8 @@ def workspace(tmp_path_factory):
     for name in ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]:
         shutil.copy(REPO / name, ws / name)
     shutil.copytree(REPO / ".dvc", ws / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    shutil.copytree(REPO / "components", ws / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ["components", "flows"]:  # dvc.yaml's code deps
+        shutil.copytree(REPO / package, ws / package, ignore=shutil.ignore_patterns("__pycache__"))
     set_params(ws, TINY)
     subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
 
@@ -134,13 +138,60 @@ def test_sample_command_writes_a_grid_from_the_champion(workspace):
     assert "alias nope not found" in wrong.stderr and "fashion-mnist-vae (aliases: champion)" in wrong.stderr
 
 
+def test_readme_python_snippet_runs_as_written(workspace):
+    readme = (REPO / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(snippets) == 1, "the README has one Python snippet"
+    check = "\nassert images.shape == (16, 1, 28, 28) and str(images.dtype) == 'uint8', images.shape\nprint('ok')\n"
+    # As a user runs it: a fresh interpreter in the project folder, no MLflow variables set.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    result = subprocess.run([sys.executable, "-c", snippets[0] + check], cwd=workspace, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
 def test_rerun_without_changes_trains_nothing(workspace, client):
+    # Leftovers of killed runs: staged folders, a half-packed dataset, a checkpoint temp, a params temp.
+    leftovers = [workspace / "artifacts" / "models" / ".vae.tmp-killed", workspace / "artifacts" / ".dataset.tmp-killed",
+                 workspace / "artifacts" / ".dataset.old-killed" / "data", workspace / "artifacts" / "eval" / ".dcgan.tmp-x"]
+    for folder in leftovers:
+        folder.mkdir(parents=True)
+        (folder / "part.npz").write_bytes(b"half")
+    checkpoint_tmp = workspace / ".genpipe" / "checkpoints" / "fashion-mnist-vae" / ".last.pt.killed"
+    checkpoint_tmp.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint_tmp.write_bytes(b"half")
+    (workspace / ".params.yaml.tmp").write_text("half")
     lock_before = (workspace / "dvc.lock").read_text()
     result = run_retrain()
+    assert not [p for p in [*leftovers, checkpoint_tmp, workspace / ".params.yaml.tmp",
+                            workspace / "artifacts" / ".dataset.old-killed"] if p.exists()]
     assert result.stages_run == []
     assert all(r.decision == "unchanged" for r in result.registrations)
     assert (workspace / "dvc.lock").read_text() == lock_before
     assert len(client.search_model_versions("name='fashion-mnist-vae'")) == 1
+
+
+def test_register_uses_the_params_the_run_started_with(workspace, client):
+    from prefect import flow
+
+    from components.config import load_params
+    from flows.retrain import register
+
+    started = load_params(workspace / "params.yaml")
+    original = (workspace / "params.yaml").read_text()
+
+    @flow(name="register-only")
+    def register_only():
+        set_params(workspace, ["data.name=renamed"])  # params.yaml edited while the run registers
+        return register("vae", started)
+
+    try:
+        result = register_only()
+    finally:
+        (workspace / "params.yaml").write_text(original)
+    assert (result.name, result.decision) == ("fashion-mnist-vae", "unchanged")
+    assert not client.search_registered_models("name='renamed-vae'")
 
 
 def test_changing_one_models_params_retrains_only_that_model(workspace, client):
@@ -165,21 +216,36 @@ def test_new_evaluator_rescores_the_champion_before_comparing(workspace, client)
     vae = by_name(result)["fashion-mnist-vae"]
     assert vae.version == "3"
     v3 = client.get_model_version("fashion-mnist-vae", "3")
-    assert float(v3.tags["promotion.champion_rescored"]) > 0
+    assert float(v3.tags["promotion.champion_score"]) > 0
     assert v3.tags["evaluator_md5"] != client.get_model_version("fashion-mnist-vae", "1").tags["evaluator_md5"]
-    assert f"{float(v3.tags['promotion.champion_rescored']):.4g}" in vae.reason  # compared with the new score
+    assert f"{float(v3.tags['promotion.champion_score']):.4g}" in vae.reason  # compared with the new score
 
 
-def test_failed_stage_leaves_artefacts_and_registry_untouched(workspace, client):
+def test_failed_model_leaves_its_artefacts_untouched_and_the_other_model_registers(workspace, client):
+    from flows.retrain import RetrainFailed
+
     model_file = workspace / "artifacts" / "models" / "dcgan" / "model.safetensors"
     metrics_file = workspace / "artifacts" / "metrics" / "train-dcgan.json"
     metrics_before = metrics_file.read_text()
     weights_before = model_file.read_bytes()
     versions_before = len(client.search_model_versions("name='fashion-mnist-dcgan'"))
-    set_params(workspace, ["train.dcgan.batch_size=100000"])  # larger than the data: the trainer refuses
+    vae_versions_before = len(client.search_model_versions("name='fashion-mnist-vae'"))
+    # dcgan: larger than the data, the trainer refuses; vae: a new seed, so it trains in the same run.
+    set_params(workspace, ["train.dcgan.batch_size=100000", "train.vae.seed=2"])
 
-    with pytest.raises(Exception):
+    with pytest.raises(RetrainFailed) as failed:
         run_retrain()
+
+    message = str(failed.value)
+    assert "retrain failed for model(s) dcgan:" in message and "train@dcgan" in message
+    assert "vae" not in message.split("registered anyway")[0], message
+    result = failed.value.result
+    assert list(result.failures) == ["train@dcgan"] and result.skipped == ["evaluate@dcgan"]
+    assert {"train@vae", "evaluate@vae"} <= set(result.stages_run)
+    vae = by_name(result)["fashion-mnist-vae"]
+    assert vae.version == str(vae_versions_before + 1), "the healthy model is registered in the failed run"
+    assert len(client.search_model_versions("name='fashion-mnist-vae'")) == vae_versions_before + 1
+    assert "fashion-mnist-dcgan" not in by_name(result)
 
     assert model_file.read_bytes() == weights_before, "previous good weights must be restored"
     assert metrics_file.read_text() == metrics_before, "uncached metrics files must be restored too"

@@ -1,7 +1,9 @@
 """Thin helpers over DVC's Python API. dvc.yaml is the DAG; these read it, never restate it."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -22,6 +24,15 @@ def stage_order(repo) -> list[str]:
 
     graph = repo.index.graph  # edges point from a stage to the stages it depends on
     return [stage.addressing for stage in reversed(list(nx.topological_sort(graph))) if stage.cmd]
+
+
+def stage_needs(repo) -> dict[str, list[str]]:
+    """Each stage's address (in run order) → the addresses of the stages whose outputs it reads."""
+    import networkx as nx
+
+    graph = repo.index.graph
+    return {stage.addressing: sorted(dep.addressing for dep in graph.successors(stage) if dep.cmd)
+            for stage in reversed(list(nx.topological_sort(graph))) if stage.cmd}
 
 
 def reproduce_stage(repo, addressing: str) -> bool:
@@ -45,6 +56,20 @@ def reproduce_stage(repo, addressing: str) -> bool:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
         raise
+
+
+def output_paths(repo) -> list[Path]:
+    """Every stage's declared outputs (cached outs and metric files)."""
+    return [Path(out.fs_path) for stage in repo.index.stages if stage.cmd for out in stage.outs]
+
+
+@contextmanager
+def workspace_locked(repo) -> Iterator[None]:
+    """Hold DVC's own workspace lock (the one `dvc repro` takes) for a block."""
+    from dvc.repo import lock_repo
+
+    with lock_repo(repo):
+        yield
 
 
 def push(repo) -> int:
