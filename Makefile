@@ -15,7 +15,7 @@ run: setup
 	$(BIN)/genpipe retrain
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile  # two workers, one test file each: servers and subprocesses overlap
 
 setup: $(STAMP) data
 
