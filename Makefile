@@ -36,10 +36,14 @@ ui: setup
 
 # Runtime state (MLflow store, Prefect home, checkpoints) and pipeline outputs, to start over. The venv,
 # DVC's cache and the embedded DVC remote (.genpipe/dvc-remote: the pushed data versions) stay.
-# Refused while a retrain holds the workspace lock.
+# Refused while a retrain holds the workspace lock; the removal runs while clean holds it, so no
+# retrain can start half-way through (the lock file itself goes last, with nothing left to remove).
 clean:
 	@if [ -d .genpipe ]; then \
-	  flock -n .genpipe/retrain.lock true || { echo "make clean: a retrain is running (.genpipe/retrain.lock)"; exit 1; }; \
-	  find .genpipe -mindepth 1 -maxdepth 1 ! -name dvc-remote -exec rm -rf {} +; \
-	fi
+	  flock -n -E 75 .genpipe/retrain.lock sh -c 'find .genpipe -mindepth 1 -maxdepth 1 ! -name dvc-remote \
+	    ! -name retrain.lock -exec rm -rf {} + && rm -rf artifacts dvc.lock && rm -f .genpipe/retrain.lock'; \
+	  rc=$$?; \
+	  [ $$rc != 75 ] || echo "make clean: a retrain is running (.genpipe/retrain.lock)" >&2; \
+	  exit $$rc; \
+	fi; \
 	rm -rf artifacts dvc.lock

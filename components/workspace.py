@@ -79,19 +79,28 @@ def retrain_lock(wait_seconds: float = 0) -> Iterator[Path]:
         os.close(fd)  # closing the file releases the flock
 
 
+def is_temp_of(name: str, target: str) -> bool:
+    """Whether `name` is one of the temp names genpipe's writers make beside `target`: `.{target}.tmp`
+    (params.yaml, grids), `.{target}.tmp-*` (staged folders, packed datasets, atomic file writes) and
+    `.{target}.old-*` (a previous version moved aside by a swap). Nothing else, so an editor's swap
+    file (`.params.yaml.swp`) or a user's `.last.pt.notes` is never swept."""
+    base = f".{target}."
+    return name == f"{base}tmp" or name.startswith((f"{base}tmp-", f"{base}old-"))
+
+
 def sweep_stale(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Remove the temp siblings that a killed run left next to each path; returns what went.
 
-    Writers here make `.{name}.*` next to their target (staged folders, `.dataset.tmp-*`, atomic
-    file writes). A `.{name}.old-*/data` folder holds the previous version that a swap moved
-    aside; it is put back when the kill came before the new version was in place.
+    Only genpipe's own temp names count (see is_temp_of). A `.{name}.old-*/data` folder holds the
+    previous version that a swap moved aside; it is put back when the kill came before the new
+    version was in place.
     Call only where no other writer of these paths can run (under the retrain lock or DVC's).
     """
     removed = []
     for target in map(Path, paths):
         if not target.parent.is_dir():
             continue
-        for stale in sorted(target.parent.glob(f".{target.name}.*")):
+        for stale in sorted(p for p in target.parent.iterdir() if is_temp_of(p.name, target.name)):
             kept = stale / "data"
             if stale.name.startswith(f".{target.name}.old-") and kept.is_dir() and not target.exists():
                 os.replace(kept, target)
@@ -102,9 +111,10 @@ def sweep_stale(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def sweep_checkpoints() -> list[Path]:
-    """Remove half-written checkpoint temp files (`.last.pt.*`) under the state folder."""
+    """Remove half-written checkpoint temp files (`.last.pt.tmp-*`, components.training.checkpoint)
+    under the state folder."""
     removed = []
-    for stale in sorted((state_dir() / "checkpoints").glob("*/.last.pt.*")):
+    for stale in sorted((state_dir() / "checkpoints").glob("*/.last.pt.tmp-*")):
         _remove(stale)
         removed.append(stale)
     return removed

@@ -191,7 +191,8 @@ def test_checkpoint_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, 
     save_checkpoint({"step": 1}, path)
     assert len(events) == 3
     (kind, tmp), rename, folder = events
-    assert kind == "fsync" and Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".last.pt.")
+    # `.last.pt.tmp-*`: the one pattern the leftover sweep removes (tests/test_workspace.py)
+    assert kind == "fsync" and Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".last.pt.tmp-")
     assert rename == ("replace", str(path))
     assert folder == ("fsync", str(tmp_path))
 
@@ -322,7 +323,17 @@ def _missing_optimizer(state):
     del state["optimizers"]["generator"]
 
 
-@pytest.mark.parametrize("damage", [_wrong_model_shape, _wrong_rng, _missing_optimizer])
+def _nan_weights(state):
+    # saved before checkpoints were checked for finite values: resuming it fails again on every rerun
+    state["model"][next(k for k, v in state["model"].items() if v.is_floating_point())].view(-1)[0] = float("nan")
+
+
+def _inf_optimizer_moment(state):
+    state["optimizers"]["generator"]["state"][0]["exp_avg"].view(-1)[0] = float("inf")
+
+
+@pytest.mark.parametrize("damage", [_wrong_model_shape, _wrong_rng, _missing_optimizer, _nan_weights,
+                                    _inf_optimizer_moment])
 def test_incompatible_checkpoint_is_moved_aside_without_half_loading_it(tmp_path, damage):
     images, labels = structured_images(32)
     cfg = small_cfg("dcgan", epochs=2)
@@ -389,3 +400,78 @@ def test_non_finite_loss_of_the_first_phase_leaves_the_weights_untouched():
     with pytest.raises(FloatingPointError, match=r"train\.vae \(vae\): the 'vae' loss is nan at step 1 of 1"):
         Trainer(model, cfg, progress=False).fit(images, labels)
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+
+
+def test_finished_checkpoint_with_non_finite_weights_is_moved_aside_not_reused(tmp_path):
+    images, labels = structured_images(32)
+    cfg = small_cfg("vae", epochs=1)  # 2 steps
+    path = tmp_path / "last.pt"
+    Trainer(make(cfg), cfg, checkpoint_path=path, resume_key="k", progress=False).fit(images, labels)
+    state = torch.load(path, weights_only=True)
+    _nan_weights(state)
+    torch.save(state, path)
+
+    model = make(cfg)
+    with pytest.warns(UserWarning, match=r"last\.pt is unusable \(ValueError: non-finite values in model\."):
+        trainer = Trainer(model, cfg, checkpoint_path=path, resume_key="k", progress=False)
+        trainer.fit(images, labels)
+    assert trainer.step == 2 and len(list(tmp_path.glob("last.pt.corrupt-*"))) == 1
+    straight = make(cfg)
+    Trainer(straight, cfg, progress=False).fit(images, labels)
+    assert_same_weights(model, straight)  # trained again, not the NaN weights returned as "finished"
+
+
+class InfGradient(torch.autograd.Function):
+    """The identity, except that the gradient flowing back through it becomes infinite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def inf_gradient(model, phase: str, at_call: int):
+    """Give the model's `phase` loss a finite value but infinite gradients the at_call-th time: Adam
+    then makes the weights NaN, which the check of the loss alone never sees."""
+    real, calls = model.training_losses, []
+
+    def training_losses(x, y, generator=None):
+        for name, out in real(x, y, generator):
+            if name == phase:
+                calls.append(name)
+                if len(calls) == at_call:
+                    out = StepOutput(InfGradient.apply(out.loss), out.logs)
+            yield name, out
+
+    model.training_losses = training_losses
+
+
+@pytest.mark.parametrize("bad_step, kept_step", [(4, 2), (6, 4)], ids=["periodic", "final"])
+def test_non_finite_weights_are_never_checkpointed_and_a_rerun_resumes(tmp_path, bad_step, kept_step):
+    images, labels = structured_images(48)
+    cfg = small_cfg("dcgan", epochs=2)  # 3 steps/epoch, 6 in all; "generator" is the last phase of a step
+    path = tmp_path / "last.pt"
+    model = make(cfg)
+    inf_gradient(model, "generator", at_call=bad_step)
+    trainer = Trainer(model, cfg, name="tiny", checkpoint_path=path, resume_key="k", checkpoint_every=2,
+                      progress=False)
+    with pytest.raises(FloatingPointError,
+                       match=rf"train\.tiny \(dcgan\): non-finite values in model\.generator\..* at step {bad_step} "
+                             rf"of 6; not saving this checkpoint, the previous checkpoint .*last\.pt is kept"):
+        trainer.fit(images, labels)
+    assert not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == kept_step  # the good one, not the step with NaN weights
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    # The rerun (the inf gradient was a one-off) resumes from the good checkpoint: no wedge.
+    resumed, steps = make(cfg), []
+    Trainer(resumed, cfg, checkpoint_path=path, resume_key="k", log_every=1, progress=False,
+            log_fn=lambda values, step: steps.append(step)).fit(images, labels)
+    assert steps == list(range(kept_step + 1, 7))
+    straight = make(cfg)
+    Trainer(straight, cfg, progress=False).fit(images, labels)
+    assert_same_weights(resumed, straight)

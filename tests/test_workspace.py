@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from components.config import apply_overrides, read_params_raw, write_params_raw
-from components.workspace import retrain_lock, sweep_stale
+from components.workspace import retrain_lock, sweep_checkpoints, sweep_stale
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -34,6 +34,26 @@ def test_sweep_removes_temp_siblings_and_keeps_everything_else(tmp_path):
     assert not any(p.exists() for p in leftovers)
     assert all(p.exists() for p in others)
     assert (out / "model.safetensors").read_bytes() == b"good", "a finished output is never touched"
+
+
+def test_sweep_removes_only_genpipes_own_temp_names(tmp_path, monkeypatch):
+    # An editor's live swap file beside params.yaml and a user's notes beside a checkpoint look like
+    # `.{name}.*` but are no temp file of genpipe's: sweeping them would lose the user's work.
+    monkeypatch.setenv("GENPIPE_HOME", str(tmp_path / ".genpipe"))
+    folder = tmp_path / ".genpipe" / "checkpoints" / "fashion-mnist-vae"
+    folder.mkdir(parents=True)
+    kept = [tmp_path / ".params.yaml.swp", tmp_path / ".params.yaml.swx", tmp_path / ".params.yaml.tmpl",
+            folder / ".last.pt.notes", folder / "last.pt", folder / "last.pt.corrupt-20240101T000000.000000Z"]
+    for path in kept:
+        path.write_text("mine")
+    temp = [tmp_path / ".params.yaml.tmp", tmp_path / ".metrics.json.tmp-a1b2", folder / ".last.pt.tmp-x9y8"]
+    for path in temp:
+        path.write_text("half")
+
+    removed = sweep_stale([tmp_path / "params.yaml", tmp_path / "metrics.json"]) + sweep_checkpoints()
+
+    assert sorted(removed) == sorted(temp)
+    assert all(p.read_text() == "mine" for p in kept)
 
 
 def test_sweep_puts_back_an_output_moved_aside_by_a_run_killed_before_the_new_one_was_in(tmp_path):
@@ -115,3 +135,35 @@ def test_make_clean_keeps_the_dvc_remote_and_waits_for_no_one(tmp_path, monkeypa
     assert remote.read_bytes() == b"pushed data"
     assert not any(p.exists() for p in state)
     assert sorted(p.name for p in (tmp_path / ".genpipe").iterdir()) == ["dvc-remote"]
+
+
+# Stands in for `rm` (make clean's find -exec rm and rm): notes every call made while the workspace
+# lock is free, i.e. while a retrain could start and write into what is being removed.
+RM_SHIM = """#!/bin/sh
+if ! [ -e .genpipe/retrain.lock ] || flock -n .genpipe/retrain.lock true; then
+  echo "unlocked: $*" >> "$RM_LOG"
+fi
+exec {rm} "$@"
+"""
+
+
+def test_make_clean_removes_everything_while_holding_the_lock(tmp_path):
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    for path in [tmp_path / ".genpipe" / "mlflow" / "mlflow.db", tmp_path / ".genpipe" / "retrain.lock",
+                 tmp_path / ".genpipe" / "dvc-remote" / "x", tmp_path / "artifacts" / "dataset" / "manifest.json",
+                 tmp_path / "dvc.lock"]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "rm").write_text(RM_SHIM.format(rm=shutil.which("rm")))
+    (shims / "rm").chmod(0o755)
+    log = tmp_path / "rm.log"
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "RM_LOG": str(log)}
+
+    done = subprocess.run(["make", "-s", "clean"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / ".genpipe").iterdir()) == ["dvc-remote"]
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "dvc.lock").exists()
+    assert not log.exists(), f"removed without holding .genpipe/retrain.lock:\n{log.read_text()}"

@@ -23,8 +23,10 @@ def _fsync(path: str | Path) -> None:
 def _atomic(path: Path, write) -> None:
     # Data reaches the disk before the rename and the rename before we return: after a power cut
     # the path holds either the old file or the complete new one, never a renamed empty file.
+    # The temp name `.{name}.tmp-*` is distinctive: the leftover sweep removes only that pattern
+    # (components.workspace), never an editor's or a user's `.{name}.*` file beside it.
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     os.close(fd)
     try:
         write(tmp)

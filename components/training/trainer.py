@@ -36,6 +36,17 @@ def stream_seed(seed: int, stream: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{stream}".encode()).digest()[:8], "little")
 
 
+def non_finite(tree, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf in a nested state dict (model weights
+    and buffers, optimizer moments): what a checkpoint must never hold."""
+    if isinstance(tree, torch.Tensor):
+        if (tree.is_floating_point() or tree.is_complex()) and not bool(torch.isfinite(tree).all()):
+            return [prefix]
+        return []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [name for k, v in items for name in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
 class Trainer:
     """Trains one model on a preloaded tensor; reproducible bit for bit on the CPU, also across resumes.
 
@@ -89,6 +100,9 @@ class Trainer:
                 return
             if not 0 <= state["step"] <= total_steps:
                 raise ValueError(f"step {state['step']} is outside 0..{total_steps}")
+            bad = non_finite({"model": state["model"], "optimizers": state["optimizers"]})
+            if bad:  # saved before checkpoints were checked: resuming it would fail again on every rerun
+                raise ValueError(f"non-finite values in {_some(bad)}")
             fresh = copy.deepcopy(self._state())
             try:
                 self._load(state)
@@ -103,9 +117,21 @@ class Trainer:
         if self.step < total_steps:
             print(f"resumed from {path} at step {self.step} of {total_steps}")
 
-    def checkpoint(self) -> None:
-        if self.checkpoint_path is not None:
-            save_checkpoint(self._state(), self.checkpoint_path)
+    def checkpoint(self, total: int | None = None) -> None:
+        """Save the state, unless a weight, buffer or optimizer moment is NaN/Inf (a finite loss can
+        still bring inf gradients): a bad checkpoint would be resumed, or reused as finished, forever."""
+        path = self.checkpoint_path
+        if path is None:
+            return
+        state = self._state()
+        bad = non_finite({"model": state["model"], "optimizers": state["optimizers"]})
+        if bad:
+            kept = f"the previous checkpoint {path} is kept" if path.exists() else "no checkpoint was saved"
+            of = f" of {total}" if total is not None else ""
+            raise FloatingPointError(
+                f"train.{self.name} ({self.cfg.family}): non-finite values in {_some(bad)} at step {self.step}{of}; "
+                f"not saving this checkpoint, {kept}. Lower train.{self.name}.lr or check the data.")
+        save_checkpoint(state, path)
 
     def fit(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Train on a preloaded uint8 tensor N×C×H×W for cfg.epochs; return the last logged values.
@@ -163,9 +189,9 @@ class Trainer:
                     if self.log_fn is not None:
                         self.log_fn(dict(self.last), self.step)
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.step < total:
-                    self.checkpoint()
+                    self.checkpoint(total)
         bar.close()
-        self.checkpoint()
+        self.checkpoint(total)
         self.model.eval()
         return dict(self.last)
 
@@ -175,3 +201,8 @@ class Trainer:
         raise FloatingPointError(
             f"train.{self.name} ({self.cfg.family}): the {phase!r} loss is {loss.item()} at step {self.step + 1} "
             f"of {total}; stopped before applying that update{kept}. Lower train.{self.name}.lr or check the data.")
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
