@@ -98,12 +98,16 @@ class RegistryConfig(Frozen):
     # One margin per metric: FID is in the tens, KID in thousandths, so a FID margin is no KID margin.
     min_improvement: dict[Literal["fid", "kid"], Annotated[float, Field(ge=0)]]
 
-    @field_validator("min_improvement")
+    # When the champion cannot be scored under today's protocol (its code no longer loads), a
+    # challenger is promoted on its own score if it is at most this ceiling.
+    ceiling: dict[Literal["fid", "kid"], Annotated[float, Field(gt=0)]]
+
+    @field_validator("min_improvement", "ceiling")
     @classmethod
-    def _margin_for_gating_metric(cls, value: dict, info: ValidationInfo) -> dict:
+    def _value_for_gating_metric(cls, value: dict, info: ValidationInfo) -> dict:
         metric = info.data.get("gating_metric")
         if metric is not None and metric not in value:
-            raise ValueError(f"no margin for the gating metric {metric!r}; add registry.min_improvement.{metric}")
+            raise ValueError(f"no value for the gating metric {metric!r}; add registry.{info.field_name}.{metric}")
         return value
 
 

@@ -108,12 +108,13 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
     model = build_model(cfg, channels, len(classes))  # initial weights from cfg.seed
     registered_name = f"{params.data.name}-{name}"
     data_version = dataset_version(data_dir)
-    tags = {"genpipe.stage": f"train@{name}", "genpipe.manifest_sha256": data_version,
+    tags = {"genpipe.stage": f"train@{name}", "dataset_version": data_version,  # model.json's name and value
             "genpipe.model_params_hash": config_hash(cfg), "genpipe.family": cfg.family}
+    checkpoint = checkpoint_path(registered_name)
     with training_run(registered_name, run_name=f"train-{name}", params=cfg.model_dump(), tags=tags) as log_metrics:
         trainer = Trainer(model, cfg, name=name, log_every=params.tracking.log_every,
                           checkpoint_every=params.tracking.checkpoint_every,
-                          checkpoint_path=checkpoint_path(registered_name),
+                          checkpoint_path=checkpoint,
                           resume_key=f"{data_version}-{source_hash('models', 'training')}", log_fn=log_metrics,
                           device=device())
         metrics = trainer.fit(images, labels)
@@ -124,38 +125,50 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
             save_trained_model(model, spec, tmp)
             write_json({"run_id": log_metrics.run_id, "experiment": registered_name}, tmp / "run.json")
     write_json(metrics, Path(metrics_path))
+    # The outputs are in place: the checkpoint has done its job. Its resume key covers the data and
+    # the models/training code only, while DVC also reruns this stage for other changes (pipeline,
+    # packing, config code); a finished checkpoint kept here would then be returned as the result.
+    # Only a kill between the final checkpoint and the outputs reuses it.
+    checkpoint.unlink(missing_ok=True)
     return metrics
 
 
 def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Path, model_dir: Path,
                    out_dir: Path) -> dict:
     from components.evaluation.evaluate import evaluate_model
+    from components.evaluation.protocol import PROTOCOL_FILE, folder_hash, score_protocol
     from components.tracking.model_files import load_trained_model
 
     model = load_trained_model(Path(model_dir), device=str(device()))
     classifier = load_classifier(classifier_dir)
     real, _ = load_split(data_dir, "test")
+    protocol = score_protocol(params.evaluate, evaluator=folder_hash(classifier_dir),
+                              dataset_version=dataset_version(data_dir), image_size=model.image_size)
     with staged_dir(out_dir) as tmp:
         metrics = evaluate_model(model, classifier, real, params.evaluate, grid_path=tmp / "grid.png")
         write_json(metrics, tmp / "metrics.json")
+        write_json(protocol, tmp / PROTOCOL_FILE)  # what these scores can be compared with
     print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
 
 
-def rescore_registered(model_uri: str, metric: str, params: Params, data_dir: Path, classifier_dir: Path) -> float:
-    """`metric` of a registered model under today's protocol: samples drawn by the model's own
-    registered code (in a subprocess), scored with today's evaluator and held-out data."""
+def rescore_registered(model_uri: str, metric: str, protocol: dict, data_dir: Path, classifier_dir: Path) -> float:
+    """`metric` of a registered model under `protocol`: samples drawn by the model's own registered
+    code (in a subprocess), scored here with today's evaluator and held-out data."""
     import torch
 
     from components.evaluation.evaluate import NonFiniteMetric, reference_subset, score_samples
     from components.evaluation.grid import NonFiniteSamples
+    from components.evaluation.protocol import evaluate_config
     from components.tracking.champion_samples import RegisteredModelUnloadable, registered_samples
     from components.tracking.registry import ChampionUnscorable
 
     real, _ = load_split(data_dir, "test")
-    cfg = params.evaluate.model_copy(update={"metrics": [metric]})
+    cfg = evaluate_config(protocol, [metric])
     try:
         fake, _ = registered_samples(model_uri, reference_subset(real, cfg).shape[0], cfg.seed)
-        return float(score_samples(torch.from_numpy(fake), real, load_classifier(classifier_dir), cfg)[metric])
+        scores = score_samples(torch.from_numpy(fake), real, load_classifier(classifier_dir), cfg,
+                               protocol["image_size"])
     except (RegisteredModelUnloadable, NonFiniteSamples, NonFiniteMetric) as exc:
         raise ChampionUnscorable(str(exc)) from exc
+    return float(scores[metric])

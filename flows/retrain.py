@@ -60,7 +60,6 @@ def push_artifacts() -> int:
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[5, 20])
 def register(model: str, params: Params) -> Registration:
     """Register one evaluated model in MLflow and decide its aliases, under the params the run started with."""
-    from components.evaluation.protocol import score_protocol
     from components.pipeline import dataset_version, rescore_registered
 
     repo = dvc.open_repo()
@@ -80,12 +79,10 @@ def register(model: str, params: Params) -> Registration:
     name = f"{params.data.name}-{model}"
     metric = params.registry.gating_metric
 
-    def rescore(version: str) -> float:
-        return rescore_registered(f"models:/{name}/{version}", metric, params, data_dir, classifier_dir)
+    def rescore(version: str, protocol: dict) -> float:
+        return rescore_registered(f"models:/{name}/{version}", metric, protocol, data_dir, classifier_dir)
 
-    protocol = score_protocol(params.evaluate, evaluator=lineage["evaluator_md5"],
-                              dataset_version=lineage["dataset_version"], image_size=params.model(model).image_size)
-    result = register_model(name, model_dir, eval_dir, lineage, params.registry, protocol, rescore)
+    result = register_model(name, model_dir, eval_dir, lineage, params.registry, rescore)
     get_run_logger().info("%s v%s: %s (%s)", result.name, result.version, result.decision, result.reason)
     return result
 
@@ -133,8 +130,9 @@ def retrain() -> RetrainResult:
 
 def _sweep_leftovers(repo) -> None:
     """Temp files and folders of killed runs: beside every stage output (and beside the folder a file
-    output was staged in), under the checkpoints, beside params.yaml. Under DVC's lock too, so no
-    `dvc repro` in this workspace is writing them."""
+    output was staged in), under the checkpoints, beside params.yaml. Only genpipe's own temp names
+    (components.workspace.is_temp_of, `.last.pt.tmp-*`): an editor's `.params.yaml.swp` stays. Under
+    DVC's lock too, so no `dvc repro` in this workspace is writing them."""
     outs = dvc.output_paths(repo)
     paths = [*outs, *(p.parent for p in outs if not p.is_dir()), Path(repo.root_dir) / "params.yaml"]
     with dvc.workspace_locked(repo):

@@ -231,7 +231,9 @@ def test_unhashable_family_is_config_error(raw):
 
 def test_a_gating_metric_without_its_own_margin_is_refused(raw):
     raw["registry"]["gating_metric"] = "kid"  # the shipped margin is FID's: 5 would never let a KID through
-    assert ("registry.min_improvement: no margin for the gating metric 'kid'; "
-            "add registry.min_improvement.kid") in problems_of(raw)
+    problems = problems_of(raw)
+    assert "registry.min_improvement: no value for the gating metric 'kid'; add registry.min_improvement.kid" in problems
+    assert "registry.ceiling: no value for the gating metric 'kid'; add registry.ceiling.kid" in problems
     raw["registry"]["min_improvement"]["kid"] = 0.001
+    raw["registry"]["ceiling"]["kid"] = 0.5
     assert parse_params(raw).registry.min_improvement == {"fid": 5.0, "kid": 0.001}

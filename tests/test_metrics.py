@@ -233,7 +233,7 @@ def test_non_finite_features_fail_the_evaluation_instead_of_crashing_it(real):
         for p in broken.parameters():
             p.fill_(float("inf"))
     with pytest.raises(NonFiniteFeatures, match="NaN or infinite"):
-        score_samples(to_uint8(real[:40]), to_uint8(real[:40]), broken, cfg)
+        score_samples(to_uint8(real[:40]), to_uint8(real[:40]), broken, cfg, 28)
 
 
 def test_scoring_stored_samples_equals_evaluating_the_model(classifier):
@@ -244,5 +244,36 @@ def test_scoring_stored_samples_equals_evaluating_the_model(classifier):
     real_u8 = to_uint8(structured_set(50))
     cfg = EvaluateConfig(metrics=["fid", "kid"], num_samples=30, kid_subset_size=10, grid_size=4, seed=2)
     direct = evaluate_model(model, classifier, real_u8, cfg)
-    stored = score_samples(sample_uint8(model, 30, seed=2), real_u8, classifier, cfg)
+    stored = score_samples(sample_uint8(model, 30, seed=2), real_u8, classifier, cfg, 28)
     assert stored == direct
+
+
+class _ExtractorElsewhere(torch.nn.Module):
+    """A feature extractor on another device than the images: 'meta' stands in for a GPU on a
+    CPU-only machine (shapes flow through it, values do not)."""
+
+    num_features = 4
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(28 * 28, 4, device="meta")
+
+    def forward(self, x):
+        assert x.device == self.proj.weight.device, f"images on {x.device}, extractor on {self.proj.weight.device}"
+        return self.proj(x.flatten(1))
+
+
+@pytest.mark.parametrize("metric", ["fid", "kid"])
+def test_metric_states_and_inputs_follow_the_extractor_device(metric):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from components.evaluation import metrics
+
+    extractor = _ExtractorElsewhere()
+    cls, kwargs = {"fid": (FrechetInceptionDistance, {}), "kid": (KernelInceptionDistance, {"subset_size": 5})}[metric]
+    state = metrics._on_extractor_device(cls, extractor, **kwargs)
+    metrics._feed(state, structured_set(10), real=True, batch_size=4)  # CPU images, as the evaluation has them
+    metrics._feed(state, structured_set(10, seed=1), real=False, batch_size=4)
+    tensors = [t for v in state.metric_state.values() for t in (v if isinstance(v, list) else [v])]
+    assert tensors and {t.device.type for t in tensors} == {"meta"}

@@ -158,7 +158,7 @@ def test_rerun_without_changes_trains_nothing(workspace, client):
     for folder in leftovers:
         folder.mkdir(parents=True)
         (folder / "part.npz").write_bytes(b"half")
-    checkpoint_tmp = workspace / ".genpipe" / "checkpoints" / "fashion-mnist-vae" / ".last.pt.killed"
+    checkpoint_tmp = workspace / ".genpipe" / "checkpoints" / "fashion-mnist-vae" / ".last.pt.tmp-killed"
     checkpoint_tmp.parent.mkdir(parents=True, exist_ok=True)
     checkpoint_tmp.write_bytes(b"half")
     (workspace / ".params.yaml.tmp").write_text("half")
@@ -219,6 +219,11 @@ def test_new_evaluator_rescores_the_champion_before_comparing(workspace, client)
     assert float(v3.tags["promotion.champion_score"]) > 0
     assert v3.tags["evaluator_md5"] != client.get_model_version("fashion-mnist-vae", "1").tags["evaluator_md5"]
     assert f"{float(v3.tags['promotion.champion_score']):.4g}" in vae.reason  # compared with the new score
+    protocol = json.loads((workspace / "artifacts" / "eval" / "vae" / "protocol.json").read_text())
+    assert v3.tags["protocol"] == json.dumps(protocol, sort_keys=True) and "promotion.pending" not in v3.tags
+    score_tag = f"score.{v3.tags['protocol_key']}.fid"  # the champion's re-score, kept on the champion
+    rescored = [mv for mv in client.search_model_versions("name='fashion-mnist-vae'") if score_tag in mv.tags]
+    assert len(rescored) == 1 and float(rescored[0].tags[score_tag]) == float(v3.tags["promotion.champion_score"])
 
 
 def test_failed_model_leaves_its_artefacts_untouched_and_the_other_model_registers(workspace, client):

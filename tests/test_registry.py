@@ -17,7 +17,7 @@ from components.tracking.registry import CHAMPION, ChampionChanged, ChampionUnsc
 from components.training.checkpoint import write_json
 
 NAME = "toy-dcgan"
-CFG = RegistryConfig(gating_metric="fid", min_improvement={"fid": 5.0})
+CFG = RegistryConfig(gating_metric="fid", min_improvement={"fid": 5.0}, ceiling={"fid": 100.0})
 PROTOCOL = {"evaluator": "e1", "num_samples": 100, "seed": 1}
 OTHER_PROTOCOL = {**PROTOCOL, "evaluator": "e2"}
 
@@ -59,10 +59,11 @@ def store(tmp_path, monkeypatch):
     return MlflowClient(tracking_uri=uri)  # explicit: an earlier test's mlflow.set_tracking_uri would win
 
 
-def register(candidate, protocol=PROTOCOL, rescore=None):
+def register(candidate, protocol=PROTOCOL, rescore=None, cfg=CFG):
     model_dir, eval_dir, lineage = candidate
-    return register_model(NAME, model_dir, eval_dir, lineage, CFG, protocol,
-                          rescore or (lambda version: pytest.fail("the champion must not be re-scored")))
+    write_json(protocol, eval_dir / "protocol.json")
+    return register_model(NAME, model_dir, eval_dir, lineage, cfg,
+                          rescore or (lambda version, protocol: pytest.fail("the champion must not be re-scored")))
 
 
 def snapshot(c) -> dict:
@@ -115,7 +116,7 @@ def register_challenger(home: Path, scenario: str, crash_at: int | None, monkeyp
     use_store(home, monkeypatch)
     _, fid, protocol, rescored = SCENARIOS[scenario]
     candidate = make_candidate(home, 2, fid)
-    rescore = (lambda version: rescored) if rescored is not None else None
+    rescore = (lambda version, protocol: rescored) if rescored is not None else None
     writes = 0
     if crash_at is not None:
         crashing = CrashAt(client(), crash_at)
@@ -176,7 +177,7 @@ def test_the_champion_moved_during_judging_is_not_overwritten(tmp_path, store):
     register(make_candidate(tmp_path, 3, 59.0))  # v2 kept
     challenger = make_candidate(tmp_path, 2, 40.0)
 
-    def concurrent_promotion(version):  # another retrain promotes v2 while v3 is judged against v1
+    def concurrent_promotion(version, protocol):  # another retrain promotes v2 while v3 is judged against v1
         store.set_registered_model_alias(NAME, CHAMPION, "2")
         return 60.0
 
@@ -185,7 +186,7 @@ def test_the_champion_moved_during_judging_is_not_overwritten(tmp_path, store):
     assert str(store.get_model_version_by_alias(NAME, CHAMPION).version) == "2"
     assert not {registry.PENDING, registry.DECISION} & set(store.get_model_version(NAME, "3").tags)
 
-    result = register(challenger, OTHER_PROTOCOL, lambda version: 59.0)  # the retry judges against v2
+    result = register(challenger, OTHER_PROTOCOL, lambda version, protocol: 59.0)  # the retry judges against v2
     assert (result.version, result.decision) == ("3", "promoted")
     assert "59" in result.reason and str(store.get_model_version_by_alias(NAME, CHAMPION).version) == "3"
 
@@ -194,12 +195,12 @@ def test_a_champion_scored_under_another_protocol_is_rescored_once_and_the_score
     register(make_candidate(tmp_path, 1, 60.0))
     calls = []
 
-    def rescore(version):
-        calls.append(version)
+    def rescore(version, protocol):
+        calls.append((version, protocol))
         return 70.0
 
     second = register(make_candidate(tmp_path, 2, 66.0), OTHER_PROTOCOL, rescore)
-    assert calls == ["1"] and second.decision == "kept"  # 66 vs 70: not by more than 5
+    assert calls == [("1", OTHER_PROTOCOL)] and second.decision == "kept"  # 66 vs 70: not by more than 5
     assert "70" in second.reason
     champion_tags = store.get_model_version(NAME, "1").tags
     key = registry.protocol_key(OTHER_PROTOCOL)
@@ -207,7 +208,7 @@ def test_a_champion_scored_under_another_protocol_is_rescored_once_and_the_score
     assert json.loads(champion_tags[f"score.{key}.protocol"]) == OTHER_PROTOCOL
 
     third = register(make_candidate(tmp_path, 3, 60.0), OTHER_PROTOCOL, rescore)
-    assert calls == ["1"], "the stored re-score is reused, not measured again"
+    assert len(calls) == 1, "the stored re-score is reused, not measured again"
     assert third.decision == "promoted" and "70" in third.reason
 
     same = register(make_candidate(tmp_path, 4, 56.0), OTHER_PROTOCOL)  # v3 was scored under this protocol
@@ -216,24 +217,39 @@ def test_a_champion_scored_under_another_protocol_is_rescored_once_and_the_score
 
 def test_an_unscorable_champion_lets_the_challenger_decide_on_its_own_score(tmp_path, store):
     register(make_candidate(tmp_path, 1, 10.0))
+    attempts = []
 
-    def unscorable(version):
+    def unscorable(version, protocol):
+        attempts.append(version)
         raise ChampionUnscorable("ModuleNotFoundError: No module named 'components.models.old'")
 
-    result = register(make_candidate(tmp_path, 2, 40.0), OTHER_PROTOCOL, unscorable)
+    too_far = register(make_candidate(tmp_path, 2, 140.0), OTHER_PROTOCOL, unscorable)
+    assert too_far.decision == "kept"  # 140 > registry.ceiling.fid 100: the champion stays
+    assert "cannot be scored" in too_far.reason and "exceeds registry.ceiling.fid 100" in too_far.reason
+    result = register(make_candidate(tmp_path, 3, 40.0), OTHER_PROTOCOL, unscorable)
     assert result.decision == "promoted"
-    assert "cannot be scored" in result.reason and "No module named" in result.reason
-    assert str(store.get_model_version_by_alias(NAME, CHAMPION).version) == "2"
+    assert "No module named" in result.reason and "is within registry.ceiling.fid 100" in result.reason
+    assert str(store.get_model_version_by_alias(NAME, CHAMPION).version) == "3"
+    assert attempts == ["1"], "a champion found unscorable under a protocol is not tried again"
+    key = registry.protocol_key(OTHER_PROTOCOL)
+    assert "No module named" in store.get_model_version(NAME, "1").tags[f"score.{key}.unscorable"]
 
 
 def test_the_margin_is_the_gating_metrics_own(tmp_path, store):
-    kid_gate = RegistryConfig(gating_metric="kid", min_improvement={"fid": 5.0, "kid": 0.001})
+    kid_gate = RegistryConfig(gating_metric="kid", min_improvement={"fid": 5.0, "kid": 0.001},
+                              ceiling={"kid": 0.5})
     first, second = make_candidate(tmp_path, 1, 60.0), make_candidate(tmp_path, 2, 60.0)
     write_json({"fid": 60.0, "kid": 0.020}, first[1] / "metrics.json")
     write_json({"fid": 60.0, "kid": 0.015}, second[1] / "metrics.json")
-    register_model(NAME, *first, kid_gate, PROTOCOL, lambda v: pytest.fail("no re-score"))
-    result = register_model(NAME, *second, kid_gate, PROTOCOL, lambda v: pytest.fail("no re-score"))
+    register(first, cfg=kid_gate)
+    result = register(second, cfg=kid_gate)
     assert result.decision == "promoted", result.reason  # a FID margin of 5 would never let a KID through
+
+
+def test_a_missing_protocol_is_an_error_naming_the_file(tmp_path, store):
+    model_dir, eval_dir, lineage = make_candidate(tmp_path, 1, 60.0)
+    with pytest.raises(FileNotFoundError, match=r"protocol\.json: missing; evaluate the model again"):
+        register_model(NAME, model_dir, eval_dir, lineage, CFG, lambda version, protocol: 0.0)
 
 
 def test_requirements_pin_versions_pypi_serves(monkeypatch):
@@ -323,5 +339,8 @@ def test_registered_samples_come_from_the_models_own_code_snapshot(tmp_path, sto
     spec = json.loads((broken_dir / "model.json").read_text())
     (broken_dir / "model.json").write_text(json.dumps({**spec, "family": "retired-family"}))
     register((broken_dir, eval_dir, lineage))
-    with pytest.raises(RegisteredModelUnloadable, match="retired-family"):
+    with pytest.raises(RegisteredModelUnloadable, match="retired-family") as unloadable:
         registered_samples(f"models:/{NAME}/2", 2, seed=0)
+    assert "genpipe-champion-" not in str(unloadable.value), "no temp path of this machine in the reason"
+    with pytest.raises(RegisteredModelUnloadable, match=f"models:/{NAME}/99"):  # gone for good: not a retry
+        registered_samples(f"models:/{NAME}/99", 2, seed=0)

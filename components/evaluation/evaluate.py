@@ -29,8 +29,9 @@ def reference_subset(real_u8: torch.Tensor, cfg: EvaluateConfig) -> torch.Tensor
 
 
 def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Classifier, cfg: EvaluateConfig,
-                  model: GenerativeModel | None = None) -> dict[str, float]:
-    """Metrics in cfg.metrics of uint8 samples against the reference subset of real_u8.
+                  image_size: int, model: GenerativeModel | None = None) -> dict[str, float]:
+    """Metrics in cfg.metrics of uint8 samples against the reference subset of real_u8, both
+    compared at `image_size` (the protocol's, whatever size the samples come in).
 
     Everything is computed on the classifier's device. `model` is needed only by metrics that use
     the model itself (recon_mse); without it they are skipped.
@@ -40,8 +41,8 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
     ctx = EvalContext(
         model=model,
         classifier=classifier,
-        real=to_model_input(real_u8, fake_u8.shape[-1], device),  # compared at the samples' size
-        fake=fake_u8.to(device).float().div(127.5).sub(1),
+        real=to_model_input(real_u8, image_size, device),
+        fake=to_model_input(fake_u8, image_size, device),
         kid_subset_size=cfg.kid_subset_size,
     )
     results: dict[str, float] = {"num_samples": real_u8.shape[0]}
@@ -60,7 +61,7 @@ def evaluate_model(model: GenerativeModel, classifier: Classifier, real_u8: torc
     """Metrics in cfg.metrics comparing cfg.num_samples samples (fixed seed) with held-out real images."""
     n = reference_subset(real_u8, cfg).shape[0]
     fake = sample_uint8(model, n, seed=cfg.seed)
-    results = score_samples(fake, real_u8, classifier, cfg, model=model)
+    results = score_samples(fake, real_u8, classifier, cfg, model.image_size, model=model)
     if grid_path is not None:
         save_grid(fake[: cfg.grid_size], grid_path)
     return results

@@ -30,14 +30,15 @@ def _feed(metric, images: torch.Tensor, real: bool, batch_size: int) -> None:
         metric.update(chunk.to(metric.device), real=real)
 
 
-def _device_of(extractor: torch.nn.Module) -> torch.device:
-    return next(extractor.parameters()).device
+def _on_extractor_device(metric_class, extractor: torch.nn.Module, **kwargs):
+    """A torchmetrics image metric whose states live where `extractor` runs (FID/KID on a GPU)."""
+    return metric_class(feature=extractor, **kwargs).to(next(extractor.parameters()).device)
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor, extractor: torch.nn.Module, batch_size: int = 500) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance  # slow import (~4 s): only when measuring
 
-    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True).to(_device_of(extractor))
+    fid = _on_extractor_device(FrechetInceptionDistance, extractor, reset_real_features=True)
     _feed(fid, real, True, batch_size)
     _feed(fid, fake, False, batch_size)
     return float(fid.compute())
@@ -48,7 +49,7 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, extractor: torch.nn.
     from torchmetrics.image.kid import KernelInceptionDistance
 
     subset_size = min(subset_size, real.shape[0], fake.shape[0])
-    kid = KernelInceptionDistance(feature=extractor, subset_size=subset_size, subsets=50).to(_device_of(extractor))
+    kid = _on_extractor_device(KernelInceptionDistance, extractor, subset_size=subset_size, subsets=50)
     _feed(kid, real, True, batch_size)
     _feed(kid, fake, False, batch_size)
     mean, std = kid.compute()

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 from components.config import EvaluateConfig
 from components.evaluation.classifier import INPUT_SIZE
+
+PROTOCOL_FILE = "protocol.json"  # beside an evaluation's metrics.json
 
 
 def score_protocol(cfg: EvaluateConfig, *, evaluator: str, dataset_version: str, image_size: int) -> dict:
     from components.pipeline import source_hash
 
     return {
-        "evaluator": evaluator,  # DVC hash of the classifier whose features the metrics use
+        "evaluator": evaluator,  # content hash of the classifier whose features the metrics use
         "reference": {"dataset_version": dataset_version, "split": "test", "seed": cfg.seed},
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
@@ -31,3 +34,17 @@ def score_protocol(cfg: EvaluateConfig, *, evaluator: str, dataset_version: str,
 
 def protocol_key(protocol: dict) -> str:
     return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def evaluate_config(protocol: dict, metrics: list[str]) -> EvaluateConfig:
+    """The evaluation settings that measure `metrics` under `protocol` (to score another model)."""
+    return EvaluateConfig(metrics=metrics, num_samples=protocol["num_samples"], seed=protocol["seed"],
+                          kid_subset_size=protocol["kid_subset_size"], grid_size=1)
+
+
+def folder_hash(folder: Path) -> str:
+    """Content hash of the files in a folder (the evaluator classifier's weights and spec)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -7,6 +7,7 @@ with it. Only the samples come back; today's evaluator scores them.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -14,17 +15,26 @@ from pathlib import Path
 
 import numpy as np
 
-# Runs in the child. Each stage is reported before it starts, so the parent knows what failed:
-# a failed download is I/O (worth a retry), a failed load or sampling is the model's own problem.
+from components.state import mlflow_tracking_uri
+
+# Runs in the child; each stage is reported before it starts. The model's own failures (its code
+# does not import, its weights do not fit, its samples are NaN) are "failed"; trouble of the
+# machine or the network (memory, files, a killed child) is left to the parent as worth a retry.
 _CHILD = r"""
 import json, sys, traceback
 uri, count, seed, out, status, dst = sys.argv[1:7]
 def report(**info):
     with open(status, "w") as f:
         json.dump(info, f)
+def describe(exc):
+    return f"{type(exc).__name__}: {exc}".replace(dst, "<model>")
 report(stage="download")
 import mlflow.artifacts, mlflow.pyfunc
-local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+try:
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+except Exception as exc:
+    report(stage="download failed", error=describe(exc), error_code=getattr(exc, "error_code", None))
+    sys.exit(4)
 report(stage="load")
 try:
     model = mlflow.pyfunc.load_model(local)
@@ -32,32 +42,41 @@ try:
     from components.evaluation.grid import sample_uint8
     report(stage="sample", code=components.__file__)
     images = sample_uint8(model.unwrap_python_model().model, int(count), int(seed))
-except BaseException as exc:
-    report(stage="failed", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc(limit=3))
+except (MemoryError, OSError):
+    raise
+except Exception as exc:
+    report(stage="failed", error=describe(exc))
     sys.exit(3)
 import numpy as np
 np.save(out, images.numpy())
 report(stage="done", code=components.__file__)
 """
 
+# A download refused for good: the version's artefacts are gone or not ours to read.
+_PERMANENT_DOWNLOAD_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED"}
+
 
 class RegisteredModelUnloadable(RuntimeError):
-    """The registered model's artefacts arrived but its own code cannot load or sample them."""
+    """The registered model cannot be loaded or sampled by its own code, or its artefacts are gone."""
 
 
 def registered_samples(model_uri: str, count: int, seed: int, timeout_s: float = 1800) -> tuple[np.ndarray, str]:
     """`count` uint8 samples (N×C×H×W) of a registered model at `seed`, and the path of the
-    components package that drew them (inside the model's downloaded code snapshot)."""
+    components package that drew them (inside the model's downloaded code snapshot).
+
+    Raises RegisteredModelUnloadable for the model's own failures, RuntimeError for the rest.
+    """
     with tempfile.TemporaryDirectory(prefix="genpipe-champion-") as tmp:
         out, status = Path(tmp) / "samples.npy", Path(tmp) / "status.json"
         proc = subprocess.run(
             [sys.executable, "-c", _CHILD, model_uri, str(count), str(seed), str(out), str(status), tmp],
-            cwd=tmp, capture_output=True, text=True, timeout=timeout_s)
+            cwd=tmp, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_tracking_uri()},
+            capture_output=True, text=True, timeout=timeout_s)
         info = json.loads(status.read_text()) if status.is_file() else {"stage": "start"}
         if proc.returncode == 0 and info["stage"] == "done":
             return np.load(out, allow_pickle=False), info["code"]
-        if info["stage"] == "failed":
+        if info["stage"] == "failed" or info.get("error_code") in _PERMANENT_DOWNLOAD_ERRORS:
             raise RegisteredModelUnloadable(f"{model_uri}: {info['error']}")
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"{model_uri}: sampling process failed during {info['stage']} "
-                           f"(exit {proc.returncode}): {tail[0]}")
+                           f"(exit {proc.returncode}): {info.get('error') or tail[0]}")

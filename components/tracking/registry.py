@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from components.config import RegistryConfig
-from components.evaluation.protocol import protocol_key
+from components.evaluation.protocol import PROTOCOL_FILE, protocol_key
 from components.tracking.runs import client, ensure_experiment
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -80,18 +80,23 @@ def decide(metric: str, new_value: float, champion_value: float | None, margin: 
 
 
 def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str, str], cfg: RegistryConfig,
-                   protocol: dict, rescore: Callable[[str], float]) -> Registration:
+                   rescore: Callable[[str, dict], float]) -> Registration:
     """Log the model as a pyfunc in its training run, create its registry version, judge it against
     the champion under the same score protocol and move the aliases (see the module docstring).
 
-    `rescore(version)` measures a champion's gating metric under `protocol` when none of its stored
-    scores was measured under it; it raises ChampionUnscorable when the champion cannot be scored.
+    eval_dir holds the evaluation's metrics.json and the protocol they were measured under.
+    `rescore(version, protocol)` measures a champion's gating metric under that protocol when none
+    of its stored scores was; it raises ChampionUnscorable when the champion cannot be scored.
     """
     import mlflow
 
     c = client()
     mlflow.set_tracking_uri(c.tracking_uri)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
+    protocol_file = eval_dir / PROTOCOL_FILE
+    if not protocol_file.is_file():
+        raise FileNotFoundError(f"{protocol_file}: missing; evaluate the model again (genpipe evaluate)")
+    protocol = json.loads(protocol_file.read_text())
     value = metrics.get(cfg.gating_metric)
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{eval_dir / 'metrics.json'}: '{cfg.gating_metric}' (registry.gating_metric) is "
@@ -111,7 +116,7 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
 
 
 def _judge(c, name: str, mv, value: float, cfg: RegistryConfig, protocol: dict,
-           rescore: Callable[[str], float]) -> dict:
+           rescore: Callable[[str, dict], float]) -> dict:
     """Decide against today's champion and record the decision as pending on the version."""
     metric, margin = cfg.gating_metric, cfg.min_improvement[cfg.gating_metric]
     champion = _champion(c, name)
@@ -123,10 +128,11 @@ def _judge(c, name: str, mv, value: float, cfg: RegistryConfig, protocol: dict,
     else:
         try:
             champion_value = _champion_score(c, name, champion, metric, protocol, rescore)
-        except ChampionUnscorable as exc:
-            promote = True
-            reason = (f"champion v{champion.version} cannot be scored under today's protocol ({exc}); "
-                      f"promoted on its own {metric} {value:.4g}")
+        except ChampionUnscorable as exc:  # no comparison possible: the challenger's own score decides
+            ceiling = cfg.ceiling[metric]
+            promote = value <= ceiling
+            reason = (f"champion v{champion.version} cannot be scored under today's protocol ({exc}); {metric} "
+                      f"{value:.4g} {'is within' if promote else 'exceeds'} registry.ceiling.{metric} {ceiling:g}")
         else:
             promote, reason = decide(metric, value, champion_value, margin)
             plan["champion_score"] = champion_value
@@ -136,7 +142,8 @@ def _judge(c, name: str, mv, value: float, cfg: RegistryConfig, protocol: dict,
     return plan
 
 
-def _champion_score(c, name: str, champion, metric: str, protocol: dict, rescore: Callable[[str], float]) -> float:
+def _champion_score(c, name: str, champion, metric: str, protocol: dict,
+                    rescore: Callable[[str, dict], float]) -> float:
     """The champion's `metric` under `protocol`: its registration score, a stored re-score, or a
     new re-score, stored on the champion with its protocol so it is measured once."""
     key = protocol_key(protocol)
@@ -145,9 +152,15 @@ def _champion_score(c, name: str, champion, metric: str, protocol: dict, rescore
     stored = champion.tags.get(f"score.{key}.{metric}")
     if stored is not None:
         return float(stored)
-    value = float(rescore(str(champion.version)))
-    if not math.isfinite(value):
-        raise ChampionUnscorable(f"re-scored {metric} is {value}")
+    if f"score.{key}.unscorable" in champion.tags:  # tried before: the champion's code cannot do it
+        raise ChampionUnscorable(champion.tags[f"score.{key}.unscorable"])
+    try:
+        value = float(rescore(str(champion.version), protocol))
+        if not math.isfinite(value):
+            raise ChampionUnscorable(f"re-scored {metric} is {value}")
+    except ChampionUnscorable as exc:
+        c.set_model_version_tag(name, champion.version, f"score.{key}.unscorable", str(exc)[:500])
+        raise
     c.set_model_version_tag(name, champion.version, f"score.{key}.protocol", json.dumps(protocol, sort_keys=True))
     c.set_model_version_tag(name, champion.version, f"score.{key}.{metric}", repr(value))
     return value

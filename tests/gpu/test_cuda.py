@@ -41,5 +41,5 @@ def test_cpu_samples_scored_by_a_gpu_classifier():
     model, classifier = tiny("dcgan").eval(), Classifier(1, 10, 8).eval().cuda()
     real = to_uint8(torch.rand(64, 1, 28, 28) * 2 - 1)
     cfg = EvaluateConfig(metrics=["fid", "kid"], num_samples=60, kid_subset_size=20, grid_size=4, seed=0)
-    out = score_samples(sample_uint8(model, 60, seed=0), real, classifier, cfg)
+    out = score_samples(sample_uint8(model, 60, seed=0), real, classifier, cfg, 28)
     assert out["fid"] >= 0 and out["kid"] == out["kid"]
