@@ -129,9 +129,9 @@ def _judge(c, name: str, mv, value: float, cfg: RegistryConfig, protocol: dict,
         try:
             champion_value = _champion_score(c, name, champion, metric, protocol, rescore)
         except ChampionUnscorable as exc:  # no comparison possible: the challenger's own score decides
-            ceiling = cfg.ceiling[metric]
+            ceiling, why = cfg.ceiling[metric], str(exc)[:300]
             promote = value <= ceiling
-            reason = (f"champion v{champion.version} cannot be scored under today's protocol ({exc}); {metric} "
+            reason = (f"champion v{champion.version} cannot be scored under today's protocol ({why}); {metric} "
                       f"{value:.4g} {'is within' if promote else 'exceeds'} registry.ceiling.{metric} {ceiling:g}")
         else:
             promote, reason = decide(metric, value, champion_value, margin)
