@@ -52,6 +52,10 @@ def cmd_classifier(args) -> None:
 def cmd_train(args) -> None:
     from components.pipeline import train_stage
 
+    # The training run buffers its metrics through an MLflow outage and retries them itself;
+    # MLflow's own retries (7, backing off up to 2 min) would stall the training loop instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     _sweep(args.out, args.metrics)
     train_stage(_params(), args.model, args.data, args.out, args.metrics)
 

@@ -174,3 +174,19 @@ def test_a_refused_batch_is_dropped_not_retried_forever(tracking):
     with pytest.warns(UserWarning, match="MLflow refused 1 metrics"):
         assert log.flush()
     assert log.pending == 0
+
+
+def test_a_server_down_when_training_starts_is_waited_for(tracking):
+    cfg, model, images, labels = tiny_training()
+    tracking.stop()
+    restart = threading.Thread(target=tracking.start)  # comes back while the run is being created
+    restart.start()
+    try:
+        with pytest.warns(UserWarning, match="retrying to start the training run"):
+            with training_run("late-server", "train-vae", params=cfg.model_dump(), tags={},
+                              finish_timeout=120) as log:
+                Trainer(model, cfg, log_every=1, log_fn=log, progress=False).fit(images, labels)
+    finally:
+        restart.join()
+    assert client().get_run(log.run_id).info.status == "FINISHED"
+    assert loss_steps(log.run_id) == list(range(1, STEPS + 1))

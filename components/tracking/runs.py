@@ -120,17 +120,33 @@ def training_run(experiment: str, run_name: str, params: dict, tags: dict, flush
     Ending it retries through an outage for up to `finish_timeout` seconds, then warns: the
     training's own outcome (its result or its exception) is what the caller gets.
     """
-    c = client()
-    run = c.create_run(ensure_experiment(experiment), run_name=run_name, tags=tags)
-    run_id = run.info.run_id
-    c.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
-    logger = MetricLogger(run_id, flush_seconds)
+    def start() -> str:
+        c = client()
+        run_id = c.create_run(ensure_experiment(experiment), run_name=run_name, tags=tags).info.run_id
+        c.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
+        return run_id
+
+    logger = MetricLogger(_retrying(start, "start the training run", finish_timeout), flush_seconds)
     status = "FAILED"
     try:
         yield logger
         status = "FINISHED"
     finally:
         _finish(logger, status, finish_timeout)
+
+
+def _retrying(call, what: str, timeout: float):
+    """call() retried through a transient MLflow outage for up to `timeout` seconds."""
+    deadline, delay = time.monotonic() + timeout, 0.5
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not (_tracking_error(exc) and is_transient(exc)) or time.monotonic() + delay > deadline:
+                raise
+            warnings.warn(f"MLflow unreachable ({exc}); retrying to {what} in {delay:g} s")
+        time.sleep(delay)  # backoff between attempts to reach the server
+        delay = min(delay * 2, 30.0)
 
 
 def _finish(logger: MetricLogger, status: str, timeout: float) -> None:
