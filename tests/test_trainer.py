@@ -352,8 +352,8 @@ def test_incompatible_checkpoint_is_moved_aside_without_half_loading_it(tmp_path
     assert_same_weights(model, straight)  # a fresh start, not a mix of the checkpoint and the init
 
 
-def poison(model, phase: str, at_call: int):
-    """Make the model's `phase` loss NaN the at_call-th time it is computed."""
+def change_loss(model, phase: str, at_call: int, change) -> None:
+    """Replace the model's `phase` loss by change(loss) the at_call-th time it is computed."""
     real, calls = model.training_losses, []
 
     def training_losses(x, y, generator=None):
@@ -361,10 +361,15 @@ def poison(model, phase: str, at_call: int):
             if name == phase:
                 calls.append(name)
                 if len(calls) == at_call:
-                    out = StepOutput(out.loss * float("nan"), out.logs)
+                    out = StepOutput(change(out.loss), out.logs)
             yield name, out
 
     model.training_losses = training_losses
+
+
+def poison(model, phase: str, at_call: int):
+    """Make the model's `phase` loss NaN the at_call-th time it is computed."""
+    change_loss(model, phase, at_call, lambda loss: loss * float("nan"))
 
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
@@ -436,17 +441,7 @@ class InfGradient(torch.autograd.Function):
 def inf_gradient(model, phase: str, at_call: int):
     """Give the model's `phase` loss a finite value but infinite gradients the at_call-th time: Adam
     then makes the weights NaN, which the check of the loss alone never sees."""
-    real, calls = model.training_losses, []
-
-    def training_losses(x, y, generator=None):
-        for name, out in real(x, y, generator):
-            if name == phase:
-                calls.append(name)
-                if len(calls) == at_call:
-                    out = StepOutput(InfGradient.apply(out.loss), out.logs)
-            yield name, out
-
-    model.training_losses = training_losses
+    change_loss(model, phase, at_call, InfGradient.apply)
 
 
 @pytest.mark.parametrize("bad_step, kept_step", [(4, 2), (6, 4)], ids=["periodic", "final"])
