@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from components.config import Params, config_hash
-from components.data.pack import MANIFEST, load_split, read_manifest
+from components.data.pack import dataset_version, load_split, read_manifest, swap_in
 from components.state import checkpoint_path, device
 from components.training.checkpoint import load_weights, save_weights, write_json
 
@@ -28,18 +28,7 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         yield tmp
-        old = None
-        if out_dir.exists():  # moved aside, not deleted, until the new folder is in place
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            out_dir.rename(old / "data")
-        try:
-            tmp.rename(out_dir)
-        except BaseException:
-            if old is not None:
-                (old / "data").rename(out_dir)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out_dir)  # the old folder goes only once the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -52,13 +41,6 @@ def source_hash(*packages: str) -> str:
         for path in sorted((root / package).rglob("*.py")):
             digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def dataset_version(data_dir: Path) -> str:
-    """Content hash of the packed data (pixels, labels, classes, splits), recorded at ingest."""
-    from components.data.pack import dataset_version as packed_version
-
-    return packed_version(data_dir)
 
 
 def ingest_stage(params: Params, out_dir: Path, metrics_path: Path) -> dict:

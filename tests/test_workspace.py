@@ -72,12 +72,12 @@ def test_sweep_puts_back_an_output_moved_aside_by_a_run_killed_before_the_new_on
 # (the previous output is already moved aside): the worst place for a kill.
 KILLED_AT_SWAP = """
 import os, pathlib, signal, sys
-real_rename = pathlib.Path.rename
-def rename(self, target):
-    if ".tmp-" in self.name and pathlib.Path(target).name == sys.argv[1]:
+real_replace = os.replace
+def replace(src, dst):
+    if ".tmp-" in pathlib.Path(src).name and pathlib.Path(dst).name == sys.argv[1]:
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_rename(self, target)
-pathlib.Path.rename = rename
+    return real_replace(src, dst)
+os.replace = replace
 from flows.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -89,7 +89,7 @@ def _content_version(shape: tuple[int, int, int], classes: list[str], splits: di
     return digest.hexdigest()[:16]
 
 
-def _swap_in(tmp: Path, out_dir: Path) -> None:
+def swap_in(tmp: Path, out_dir: Path) -> None:
     """Put the finished tmp folder at out_dir; the old one is deleted only once the new one is in place."""
     old = None
     if out_dir.exists():
@@ -133,7 +133,7 @@ def pack_dataset(raw: RawDataset, out_dir: Path, cfg: DataConfig, source_info: d
         summary |= {"rejected": len(raw.rejected), "num_classes": len(raw.classes)}
         _write_json(tmp / MANIFEST, manifest)
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        _swap_in(tmp, out_dir)
+        swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

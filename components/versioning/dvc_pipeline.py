@@ -20,10 +20,7 @@ def open_repo(root: str | Path = "."):
 
 def stage_order(repo) -> list[str]:
     """Every pipeline stage's address (e.g. 'train@vae'), each after the stages it depends on."""
-    import networkx as nx
-
-    graph = repo.index.graph  # edges point from a stage to the stages it depends on
-    return [stage.addressing for stage in reversed(list(nx.topological_sort(graph))) if stage.cmd]
+    return list(stage_needs(repo))
 
 
 def stage_needs(repo) -> dict[str, list[str]]:
