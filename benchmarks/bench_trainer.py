@@ -33,7 +33,7 @@ from torchvision import transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.config import load_params  # noqa: E402
+from components.params import load_params  # noqa: E402
 from components.data.sources import SOURCES  # noqa: E402
 from components.models import build_model  # noqa: E402
 from components.training.trainer import Trainer  # noqa: E402

@@ -1,7 +1,8 @@
 """params.yaml → typed, frozen config objects.
 
 params.yaml is the only place hyperparameters live: the classes below have no defaults, refuse
-unknown keys, and every error names the key's path and the rule it broke.
+unknown keys, and every error names the key's path and the rule it broke. This module knows no
+registry (families, sources, metrics import it); components.params validates a whole file.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -36,15 +37,6 @@ class DataConfig(Frozen):
     limit_per_split: int | None = Field(gt=0)
     max_pixels: int = Field(gt=0)
     shard_size: int = Field(gt=0)
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, value: str) -> str:
-        from components.data.sources import SOURCES
-
-        if value not in SOURCES:
-            raise ValueError(f"must be one of {SOURCES.names()}")
-        return value
 
 
 class ClassifierConfig(Frozen):
@@ -80,17 +72,6 @@ class EvaluateConfig(Frozen):
     kid_subset_size: int = Field(gt=1)
     grid_size: int = Field(gt=0, le=256)
     seed: int = Field(ge=0)
-
-
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, value: list[str]) -> list[str]:
-        from components.evaluation.metrics import METRICS
-
-        unknown = [m for m in value if m not in METRICS]
-        if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; valid: {METRICS.names()}")
-        return value
 
 
 class RegistryConfig(Frozen):
@@ -135,7 +116,7 @@ _RULES = {
 }
 
 
-def _describe(err: dict, prefix: tuple = ()) -> str:
+def describe_error(err: dict, prefix: tuple = ()) -> str:
     path = ".".join(str(p) for p in (*prefix, *err["loc"]))
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -144,42 +125,6 @@ def _describe(err: dict, prefix: tuple = ()) -> str:
         return f"{path}: missing; add it to {PARAMS_FILE}"
     rule = _RULES[kind](err.get("ctx", {})) if kind in _RULES else err["msg"].removeprefix("Value error, ")
     return f"{path}: {rule}, got {err['input']!r}"
-
-
-MODEL_NAME = r"^[a-z0-9][a-z0-9_-]*$"  # model names become shell arguments, paths and registry names
-
-
-def parse_params(raw: Any) -> Params:
-    """Validate a params mapping; raise ConfigError listing every problem."""
-    import re
-
-    from components.models import FAMILIES
-
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{PARAMS_FILE}: must be a mapping of sections, got {type(raw).__name__}")
-    problems: list[str] = []
-    train_raw = raw.get("train")
-    train: dict[str, TrainConfig] = {}
-    if isinstance(train_raw, dict):
-        for name, section in train_raw.items():
-            if not isinstance(name, str) or not re.fullmatch(MODEL_NAME, name):
-                problems.append(f"train.{name}: model name must match {MODEL_NAME}, got {name!r}")
-                continue
-            family = section.get("family") if isinstance(section, dict) else None
-            if not isinstance(family, str) or family not in FAMILIES:
-                problems.append(f"train.{name}.family: must be one of {FAMILIES.names()}, got {family!r}")
-                continue
-            try:
-                train[name] = FAMILIES.get(family).config.model_validate(section)
-            except ValidationError as exc:
-                problems += [_describe(e, ("train", name)) for e in exc.errors()]
-    try:
-        params = Params.model_validate({**raw, "train": train} if isinstance(train_raw, dict) else raw)
-    except ValidationError as exc:
-        problems += [_describe(e) for e in exc.errors()]
-    if problems:
-        raise ConfigError("invalid parameters:\n  " + "\n  ".join(problems))
-    return params
 
 
 def _yaml():
@@ -198,10 +143,6 @@ def read_params_raw(path: str | os.PathLike = PARAMS_FILE) -> Any:
         return _yaml().load(path.read_text())
     except Exception as exc:  # ruamel raises many error types; all mean the same to the user
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-
-
-def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
-    return parse_params(read_params_raw(path))
 
 
 def apply_overrides(raw: Any, overrides: list[str]) -> Any:

@@ -26,6 +26,12 @@ class Registry(Generic[T]):
         except KeyError:
             raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}") from None
 
+    def problem(self, path: str, name) -> str | None:
+        """None if `name` is registered, else what a params error says about the key at `path`."""
+        if isinstance(name, str) and name in self._items:
+            return None
+        return f"{path}: must be one of {self.names()}, got {name!r}"
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

@@ -16,7 +16,8 @@ class UsageError(ValueError):
 
 
 def _params(overrides: list[str] | None = None, write: bool = False):
-    from components.config import apply_overrides, parse_params, read_params_raw, write_params_raw
+    from components.config import apply_overrides, read_params_raw, write_params_raw
+    from components.params import parse_params
 
     raw = read_params_raw()
     if overrides:

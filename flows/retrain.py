@@ -10,7 +10,8 @@ from typing import Iterator
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from components.config import Params, load_params
+from components.config import Params
+from components.params import load_params
 from components.tracking.registry import Registration, register_model
 from components.versioning import dvc_pipeline as dvc
 from components.workspace import retrain_lock, sweep_checkpoints, sweep_stale

@@ -8,14 +8,8 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from components.config import (
-    ConfigError,
-    apply_overrides,
-    load_params,
-    parse_params,
-    read_params_raw,
-    write_params_raw,
-)
+from components.config import ConfigError, apply_overrides, read_params_raw, write_params_raw
+from components.params import load_params, parse_params
 from components.evaluation.metrics import METRICS
 from components.data.sources import SOURCES
 from components.models import FAMILIES

@@ -175,7 +175,7 @@ def test_rerun_without_changes_trains_nothing(workspace, client):
 def test_register_uses_the_params_the_run_started_with(workspace, client):
     from prefect import flow
 
-    from components.config import load_params
+    from components.params import load_params
     from flows.retrain import register
 
     started = load_params(workspace / "params.yaml")

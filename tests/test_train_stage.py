@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from components.config import apply_overrides, parse_params, read_params_raw
+from components.config import apply_overrides, read_params_raw
+from components.params import parse_params
 from components.data.pack import dataset_version, pack_dataset
 from components.data.sources import RawDataset, Split
 from components.pipeline import train_stage

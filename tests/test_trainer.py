@@ -10,7 +10,8 @@ import torch
 
 from components.models import FAMILIES, StepOutput, build_model
 from components.training.checkpoint import save_checkpoint
-from components.training.trainer import Trainer, to_model_input
+from components.images import to_model_input
+from components.training.trainer import Trainer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ from torch import nn
 from tqdm import tqdm
 
 from components.config import ClassifierConfig
-from components.training.trainer import resize, to_model_input
+from components.images import resize, to_model_input
 
 INPUT_SIZE = 28  # every image is judged at 28×28; larger samples are downscaled first
 FEATURES = 128

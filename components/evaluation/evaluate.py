@@ -11,7 +11,7 @@ from components.evaluation.classifier import Classifier
 from components.evaluation.grid import sample_uint8, save_grid
 from components.evaluation.metrics import METRICS, EvalContext
 from components.models.base import GenerativeModel
-from components.training.trainer import to_model_input
+from components.images import to_model_input
 
 
 class NonFiniteMetric(ValueError):

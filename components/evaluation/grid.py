@@ -8,14 +8,11 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from components.images import to_uint8
+
 
 class NonFiniteSamples(ValueError):
     """A model produced NaN or infinite pixels: they would silently become black or white uint8s."""
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float in [-1, 1] → uint8 in [0, 255], same shape."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def save_grid(images_u8: torch.Tensor, path: Path, nrow: int | None = None) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -18,11 +18,20 @@ class StepOutput:
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+# What a registered model of a family does with a request; the trainer, evaluator, registry and
+# pyfunc dispatch on this, never on a family's name.
+#   generate:    {"count", "seed", + the family's conditions} → images
+#   reconstruct: {"images", "output": "reconstruction" | "latent"} → images or latent codes
+TaskKind = Literal["generate", "reconstruct"]
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     config: type  # a components.config.TrainConfig subclass
     build: Callable[..., "GenerativeModel"]  # (cfg, channels, num_classes) -> model
+    kind: TaskKind = "generate"
+    conditions: tuple[str, ...] = ()  # request fields a generate model takes besides count/seed: "labels", "prompt"
 
 
 FAMILIES: Registry[Family] = Registry("model family")
@@ -39,6 +48,10 @@ class GenerativeModel(nn.Module):
     """
 
     conditional = False
+    # The submodules that make the images (a GAN's generator, a VAE's encoder and decoder): the
+    # trainer keeps an exponential moving average of their weights, and that average is what is
+    # evaluated and registered.
+    ema_modules: tuple[str, ...] = ()
     image_size: int
     channels: int
     latent_dim: int

@@ -30,6 +30,8 @@ def _dcgan_init(module: nn.Module) -> None:
 
 
 class DCGAN(GenerativeModel):
+    ema_modules = ("generator",)
+
     def __init__(self, cfg: DCGANConfig, channels: int):
         super().__init__()
         self.cfg, self.channels, self.image_size, self.latent_dim = cfg, channels, cfg.image_size, cfg.latent_dim

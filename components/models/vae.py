@@ -20,6 +20,8 @@ class VAEConfig(TrainConfig):
 
 
 class VAE(GenerativeModel):
+    ema_modules = ("encoder", "decoder")
+
     def __init__(self, cfg: VAEConfig, channels: int):
         super().__init__()
         self.cfg, self.channels, self.image_size, self.latent_dim = cfg, channels, cfg.image_size, cfg.latent_dim

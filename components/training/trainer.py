@@ -9,26 +9,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from components.config import TrainConfig
+from components.images import to_model_input
 from components.models.base import GenerativeModel
 from components.training.checkpoint import load_checkpoint, move_aside, save_checkpoint
 
 LogFn = Callable[[dict[str, float], int], None]
-
-
-def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Float images N×C×H×W → N×C×image_size×image_size (unchanged when already that size)."""
-    if x.shape[-1] == image_size:
-        return x
-    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-
-
-def to_model_input(batch_u8: torch.Tensor, image_size: int, device: torch.device) -> torch.Tensor:
-    """uint8 N×C×H×W → float in [-1, 1] at the model's resolution."""
-    return resize(batch_u8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0), image_size)
 
 
 def stream_seed(seed: int, stream: str) -> int:
