@@ -56,6 +56,10 @@ class TrainConfig(Frozen):
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
     seed: int = Field(ge=0)
+    ema_decay: float = Field(ge=0, lt=1)  # 0 = no average: the live weights are evaluated and registered
+    precision: Literal["fp32", "bf16"]    # bf16: autocast of the forward passes, fp32 master weights
+    channels_last: bool
+    compile: bool                         # torch.compile the model's submodules
 
 
 class TrackingConfig(Frozen):

@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from model_configs import model_config
 from components.config import EvaluateConfig
 from components.evaluation.classifier import FEATURES, Classifier, FeatureExtractor
 from components.evaluation.evaluate import evaluate_model
-from components.evaluation.grid import sample_uint8, save_grid, to_uint8
+from components.evaluation.grid import sample_uint8, save_grid
+from components.images import to_uint8
 from components.evaluation.metrics import METRICS, EvalContext, frechet_distance, kernel_distance
 from components.models import FAMILIES, build_model
 
@@ -107,8 +109,7 @@ def test_kid_subset_size_is_clamped_to_the_data(extractor, real):
 def tiny_model(family: str, channels: int = 1, image_size: int = 28):
     small = {"vae": {"latent_dim": 4, "width": 4, "beta": 1.0},
              "dcgan": {"latent_dim": 4, "ngf": 4, "ndf": 4, "beta1": 0.5}}[family]
-    cfg = FAMILIES.get(family).config.model_validate({
-        "family": family, "image_size": image_size, "epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": 0, **small})
+    cfg = model_config(family, image_size=image_size, **small)
     torch.manual_seed(0)
     return build_model(cfg, channels, num_classes=10).eval()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_configs import model_config
 from components.models import FAMILIES, build_model
 from components.models.base import Family
 from components.registry import Registry
@@ -19,11 +20,7 @@ PHASES = {"vae": ["vae"], "dcgan": ["discriminator", "generator"]}
 
 
 def small_cfg(family: str, image_size: int = 28, **overrides):
-    fields = {
-        "family": family, "image_size": image_size, "epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": 0,
-        **SMALL[family], **overrides,
-    }
-    return FAMILIES.get(family).config.model_validate(fields)
+    return model_config(family, image_size=image_size, **{**SMALL[family], **overrides})
 
 
 def make(family: str, image_size: int, channels: int):

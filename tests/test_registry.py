@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_configs import model_config
 from components.config import RegistryConfig
 from components.models import FAMILIES, build_model
 from components.tracking import registry
@@ -23,10 +24,7 @@ OTHER_PROTOCOL = {**PROTOCOL, "evaluator": "e2"}
 
 
 def tiny_cfg(seed: int):
-    cls = FAMILIES.get("dcgan").config
-    fields = {"family": "dcgan", "image_size": 28, "epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": seed,
-              "latent_dim": 4, "ngf": 4, "ndf": 4, "beta1": 0.5, "log_every": 1, "checkpoint_every": 1}
-    return cls.model_validate({k: v for k, v in fields.items() if k in cls.model_fields})
+    return model_config("dcgan", seed=seed, latent_dim=4)
 
 
 def make_candidate(root: Path, seed: int, fid: float) -> tuple[Path, Path, dict]:

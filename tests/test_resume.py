@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_configs import model_fields
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +49,7 @@ SMALL = {
 
 
 def train(family: str, out: Path, checkpoint: Path | None = None, kill_at: int = 0) -> subprocess.CompletedProcess:
-    fields = {"family": family, "image_size": 28, "epochs": 2, "batch_size": 16, "lr": 3e-3, "seed": 3,
-              **SMALL[family]}  # 3 steps per epoch, 6 in all
+    fields = model_fields(family, epochs=2, batch_size=16, lr=3e-3, seed=3, **SMALL[family])  # 3 steps per epoch, 6 in all
     return subprocess.run([sys.executable, "-c", CHILD, json.dumps(fields), str(checkpoint or ""), str(out),
                            str(kill_at)], cwd=REPO, capture_output=True, text=True, timeout=120)
 

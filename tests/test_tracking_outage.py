@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_configs import model_config
 from components.models import FAMILIES, build_model
 from components.tracking.runs import MetricLogger, client, training_run
 from components.training.trainer import Trainer
@@ -87,9 +88,7 @@ def tracking(server, monkeypatch):
 
 
 def tiny_training():
-    cfg = FAMILIES.get("vae").config.model_validate({
-        "family": "vae", "image_size": 28, "epochs": 2, "batch_size": 16, "lr": 1e-3, "seed": 0,
-        "latent_dim": 4, "width": 4, "beta": 1.0})
+    cfg = model_config("vae", epochs=2, batch_size=16)
     data = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 1, 28, 28), generator=data, dtype=torch.uint8)
     return cfg, build_model(cfg, 1, 4), images, torch.zeros(64, dtype=torch.long)

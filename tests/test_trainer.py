@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_configs import model_config
 from components.models import FAMILIES, StepOutput, build_model
 from components.training.checkpoint import save_checkpoint
 from components.images import to_model_input
@@ -23,11 +24,7 @@ SMALL = {
 
 
 def small_cfg(family: str, **overrides):
-    fields = {
-        "family": family, "image_size": 28, "epochs": 4, "batch_size": 16, "lr": 3e-3, "seed": 0,
-        **SMALL[family], **overrides,
-    }
-    return FAMILIES.get(family).config.model_validate(fields)
+    return model_config(family, **{"epochs": 4, "batch_size": 16, "lr": 3e-3, **SMALL[family], **overrides})
 
 
 def make(cfg):

@@ -37,6 +37,11 @@ class Family:
 FAMILIES: Registry[Family] = Registry("model family")
 
 
+def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """The Adam every family uses: one place to choose its implementation (foreach/fused) for speed."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
+
+
 class GenerativeModel(nn.Module):
     """A model that trains in named phases and samples images in [-1, 1].
 

@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from components.config import TrainConfig
-from components.models.base import FAMILIES, Family, GenerativeModel, StepOutput
+from components.models.base import FAMILIES, Family, GenerativeModel, StepOutput, adam
 from components.models.blocks import DownStack, UpStack, feature_dim
 
 
@@ -44,8 +44,8 @@ class DCGAN(GenerativeModel):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         betas = (self.cfg.beta1, 0.999)
         return {
-            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.lr, betas=betas),
-            "generator": torch.optim.Adam(self.generator.parameters(), lr=self.cfg.lr, betas=betas),
+            "discriminator": adam(self.discriminator.parameters(), self.cfg.lr, betas),
+            "generator": adam(self.generator.parameters(), self.cfg.lr, betas),
         }
 
     def training_losses(self, x: torch.Tensor, y: torch.Tensor,

@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from components.config import TrainConfig
-from components.models.base import FAMILIES, Family, GenerativeModel, StepOutput
+from components.models.base import FAMILIES, Family, GenerativeModel, StepOutput, adam
 from components.models.blocks import DownStack, UpStack, feature_dim
 
 
@@ -32,7 +32,7 @@ class VAE(GenerativeModel):
         self.decoder = UpStack(cfg.latent_dim, channels, cfg.width, cfg.image_size)  # Bernoulli logits
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"vae": torch.optim.Adam(self.parameters(), lr=self.cfg.lr)}
+        return {"vae": adam(self.parameters(), self.cfg.lr)}
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=1)

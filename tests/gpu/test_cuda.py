@@ -4,20 +4,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_configs import model_config
 from components.config import EvaluateConfig
 from components.evaluation.classifier import Classifier
 from components.evaluation.evaluate import evaluate_model, score_samples
-from components.evaluation.grid import sample_uint8, to_uint8
+from components.evaluation.grid import sample_uint8
+from components.images import to_uint8
 from components.models import FAMILIES, build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def tiny(family: str):
-    cls = FAMILIES.get(family).config
-    fields = {"family": family, "image_size": 28, "epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": 0,
-              "latent_dim": 4, "width": 4, "beta": 1.0, "ngf": 4, "ndf": 4, "beta1": 0.5}
-    return build_model(cls.model_validate({k: v for k, v in fields.items() if k in cls.model_fields}), 1, 10)
+    return build_model(model_config(family), 1, 10)
 
 
 @pytest.mark.parametrize("family", ["vae", "dcgan"])

@@ -1,0 +1,21 @@
+"""Small `train.<name>` configs for tests: every field a family needs, tiny widths, one epoch."""
+from __future__ import annotations
+
+from components.models import FAMILIES
+
+COMMON = {"image_size": 28, "epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": 0,
+          "ema_decay": 0.0, "precision": "fp32", "channels_last": False, "compile": False}
+
+TINY = {
+    "vae": {"latent_dim": 4, "width": 4, "beta": 1.0},
+    "dcgan": {"latent_dim": 8, "ngf": 4, "ndf": 4, "beta1": 0.5},
+}
+
+
+def model_fields(family: str, **overrides) -> dict:
+    """The raw fields of a tiny config of `family` (what params.yaml would hold), with overrides."""
+    return {"family": family, **COMMON, **TINY[family], **overrides}
+
+
+def model_config(family: str, **overrides):
+    return FAMILIES.get(family).config.model_validate(model_fields(family, **overrides))
