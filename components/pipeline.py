@@ -87,7 +87,7 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
     manifest = read_manifest(data_dir)
     images, labels = load_split(data_dir, "train")
     channels, classes = images.shape[1], manifest["classes"]
-    model = build_model(cfg, channels, len(classes))  # initial weights from cfg.seed
+    model = build_model(cfg, channels, len(classes), classes)  # initial weights from cfg.seed
     registered_name = f"{params.data.name}-{name}"
     data_version = dataset_version(data_dir)
     tags = {"genpipe.stage": f"train@{name}", "dataset_version": data_version,  # model.json's name and value

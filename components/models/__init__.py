@@ -7,9 +7,13 @@ from components.models import dcgan, vae  # noqa: F401  (registers the families)
 __all__ = ["FAMILIES", "Family", "GenerativeModel", "StepOutput", "build_model"]
 
 
-def build_model(cfg, channels: int, num_classes: int) -> GenerativeModel:
+def build_model(cfg, channels: int, num_classes: int, classes: list[str] | None = None) -> GenerativeModel:
     """Build the model a `train.<name>` config describes, its initial weights drawn from cfg.seed
-    alone (the caller's global RNG is neither read nor advanced)."""
+    alone (the caller's global RNG is neither read nor advanced). `classes` names the classes
+    (text-conditioned families build their vocabulary from them); default "class 0", "class 1", …"""
+    classes = list(classes) if classes is not None else [f"class {i}" for i in range(num_classes)]
+    if len(classes) != num_classes:
+        raise ValueError(f"{len(classes)} class names for {num_classes} classes")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return FAMILIES.get(cfg.family).build(cfg, channels, num_classes)
+        return FAMILIES.get(cfg.family).build(cfg, channels, classes)

@@ -29,7 +29,7 @@ TaskKind = Literal["generate", "reconstruct"]
 class Family:
     name: str
     config: type  # a components.config.TrainConfig subclass
-    build: Callable[..., "GenerativeModel"]  # (cfg, channels, num_classes) -> model
+    build: Callable[..., "GenerativeModel"]  # (cfg, channels, classes: list of class names) -> model
     kind: TaskKind = "generate"
     conditions: tuple[str, ...] = ()  # request fields a generate model takes besides count/seed: "labels", "prompt"
 
@@ -69,7 +69,10 @@ class GenerativeModel(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
+               prompts: list[str] | None = None) -> torch.Tensor:
+        """n images in [-1, 1], (n, C, H, W). Conditional families take class ids `labels` (n,)
+        (None: classes in turn, 0, 1, …, so every class is drawn) or text `prompts` (n strings)."""
         raise NotImplementedError
 
     def noise(self, n: int, generator: torch.Generator | None) -> torch.Tensor:

@@ -58,8 +58,8 @@ class VAE(GenerativeModel):
         return torch.sigmoid(self.decoder(mu)) * 2 - 1
 
     @torch.no_grad()
-    def sample(self, n, generator=None, labels=None):
+    def sample(self, n, generator=None, labels=None, prompts=None):
         return torch.sigmoid(self.decoder(self.noise(n, generator))) * 2 - 1  # (n, C, size, size) in [-1, 1]
 
 
-FAMILIES.register("vae")(Family("vae", VAEConfig, lambda cfg, channels, num_classes: VAE(cfg, channels)))
+FAMILIES.register("vae")(Family("vae", VAEConfig, lambda cfg, channels, classes: VAE(cfg, channels)))

@@ -19,5 +19,6 @@ def load_trained_model(model_dir: Path, device: str = "cpu") -> GenerativeModel:
         raise FileNotFoundError(f"{spec_path}: missing; train the model first (genpipe train NAME)")
     spec = json.loads(spec_path.read_text())
     family = FAMILIES.get(spec["family"])
-    model = family.build(family.config.model_validate(spec["config"]), spec["channels"], spec["num_classes"])
+    model = family.build(family.config.model_validate(spec["config"]), spec["channels"],
+                         spec.get("classes") or [f"class {i}" for i in range(spec["num_classes"])])
     return load_weights(model, model_dir / "model.safetensors").to(device).eval()
