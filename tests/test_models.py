@@ -154,7 +154,9 @@ def test_models_are_unconditional_and_describe_themselves():
 
 
 def test_unknown_family_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown model family 'diffusion'; valid: dcgan, vae"):
+    valid = ", ".join(FAMILIES.names())
+    assert {"ae", "vae", "cvae", "dcgan", "cgan", "wgan_gp"} <= set(FAMILIES.names())
+    with pytest.raises(ValueError, match=rf"unknown model family 'diffusion'; valid: {valid}$"):
         FAMILIES.get("diffusion")
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 BASE = {28: 7, 64: 4}
 
@@ -19,6 +21,25 @@ def _widths(size: int, width: int) -> list[int]:
 
 def feature_dim(size: int, width: int) -> int:
     return _widths(size, width)[0] * BASE[size] ** 2
+
+
+def with_spectral_norm(module: nn.Module, enabled: bool) -> nn.Module:
+    """The module with its weight divided by its largest singular value when enabled (Miyato et al.,
+    2018, "Spectral Normalization for GANs"): a discriminator that is 1-Lipschitz per layer."""
+    return _spectral_norm(module) if enabled else module
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """The DCGAN paper's init (Radford et al., 2015): conv/linear weights N(0, 0.02), batch-norm
+    scales N(1, 0.02). A spectrally normalised layer's stored weight is its `original` (writing to
+    `.weight` would change a computed copy only)."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
+        weight = (module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight")
+                  else module.weight)
+        nn.init.normal_(weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
 
 
 class UpStack(nn.Sequential):
@@ -40,13 +61,15 @@ class UpStack(nn.Sequential):
 
 
 class DownStack(nn.Sequential):
-    """image → flat features, (N, channels, size, size) → (N, feature_dim(size, width))."""
+    """image → flat features, (N, channels, size, size) → (N, feature_dim(size, width)).
+    spectral_norm: every conv spectrally normalised (a GAN discriminator's option)."""
 
-    def __init__(self, channels: int, width: int, size: int, batchnorm: bool = True):
+    def __init__(self, channels: int, width: int, size: int, batchnorm: bool = True, spectral_norm: bool = False):
         widths = _widths(size, width)[::-1]  # top → base, e.g. 28: [w, 2w]
-        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        first = with_spectral_norm(nn.Conv2d(channels, widths[0], 4, 2, 1), spectral_norm)
+        layers: list[nn.Module] = [first, nn.LeakyReLU(0.2, True)]
         for c_in, c_out in zip(widths, widths[1:]):
-            layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=not batchnorm))
+            layers.append(with_spectral_norm(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=not batchnorm), spectral_norm))
             if batchnorm:
                 layers.append(nn.BatchNorm2d(c_out))
             layers.append(nn.LeakyReLU(0.2, True))

@@ -10,7 +10,7 @@ from torch import nn
 
 from components.config import TrainConfig
 from components.models.base import FAMILIES, Family, GenerativeModel, StepOutput, adam
-from components.models.blocks import DownStack, UpStack, feature_dim
+from components.models.blocks import DownStack, UpStack, dcgan_init, feature_dim, with_spectral_norm
 
 
 class DCGANConfig(TrainConfig):
@@ -18,15 +18,7 @@ class DCGANConfig(TrainConfig):
     ngf: int = Field(gt=0)
     ndf: int = Field(gt=0)
     beta1: float = Field(ge=0, lt=1)
-
-
-def _dcgan_init(module: nn.Module) -> None:
-    # The paper's init: conv weights N(0, 0.02), batch-norm scales N(1, 0.02).
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-        nn.init.normal_(module.weight, 0.0, 0.02)
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.normal_(module.weight, 1.0, 0.02)
-        nn.init.zeros_(module.bias)
+    spectral_norm: bool  # D's layers spectrally normalised, and then without batch norm (as in SN-GAN)
 
 
 class DCGAN(GenerativeModel):
@@ -36,10 +28,12 @@ class DCGAN(GenerativeModel):
         super().__init__()
         self.cfg, self.channels, self.image_size, self.latent_dim = cfg, channels, cfg.image_size, cfg.latent_dim
         self.generator = nn.Sequential(UpStack(cfg.latent_dim, channels, cfg.ngf, cfg.image_size), nn.Tanh())
+        sn = cfg.spectral_norm
         self.discriminator = nn.Sequential(
-            DownStack(channels, cfg.ndf, cfg.image_size), nn.Linear(feature_dim(cfg.image_size, cfg.ndf), 1)
+            DownStack(channels, cfg.ndf, cfg.image_size, batchnorm=not sn, spectral_norm=sn),
+            with_spectral_norm(nn.Linear(feature_dim(cfg.image_size, cfg.ndf), 1), sn),
         )  # logits, (N, 1)
-        self.apply(_dcgan_init)
+        self.apply(dcgan_init)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         betas = (self.cfg.beta1, 0.999)

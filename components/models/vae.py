@@ -21,6 +21,7 @@ class VAEConfig(TrainConfig):
 
 class VAE(GenerativeModel):
     ema_modules = ("encoder", "decoder")
+    gaussian_prior = True  # z ~ N(0, I) decodes to an image: latent traversals apply
 
     def __init__(self, cfg: VAEConfig, channels: int):
         super().__init__()
@@ -51,6 +52,10 @@ class VAE(GenerativeModel):
         kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / n
         loss = recon + self.cfg.beta * kld
         yield "vae", StepOutput(loss, {"loss": loss, "recon": recon, "kl": kld})
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent codes (N, latent) → images in [-1, 1] (N, C, H, W)."""
+        return torch.sigmoid(self.decoder(z)) * 2 - 1
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
