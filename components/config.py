@@ -68,6 +68,16 @@ class TrackingConfig(Frozen):
 
     log_every: int = Field(gt=0)
     checkpoint_every: int = Field(gt=0)
+    sentinel_every: int = Field(gt=0)  # steps between mode-collapse checks of a generate-kind model's samples
+
+
+class DivergenceConfig(Frozen):
+    """What training does when a loss, gradient or weight turns NaN/Inf: return to the last good
+    checkpoint with the learning rate times lr_factor, at most max_rollbacks times, then fail.
+    It changes the weights when it fires, so the train stages list it among their params."""
+
+    max_rollbacks: int = Field(ge=0)
+    lr_factor: float = Field(gt=0, lt=1)
 
 
 class EvaluateConfig(Frozen):
@@ -101,6 +111,7 @@ class Params(Frozen):
     classifier: ClassifierConfig
     train: dict[str, TrainConfig]
     tracking: TrackingConfig
+    divergence: DivergenceConfig
     evaluate: EvaluateConfig
     registry: RegistryConfig
 

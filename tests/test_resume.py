@@ -1,5 +1,6 @@
 """Seeds seed everything, across real processes: two runs of the same params end bit-identical, and
-a run killed with SIGKILL mid-epoch, run again, ends bit-identical to one that was never killed."""
+a run killed with SIGKILL mid-epoch, run again, ends bit-identical to one that was never killed:
+the model (with its EMA), the live weights beside it, bf16 autocast and channels_last included."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ import json, os, signal, sys
 from pathlib import Path
 import torch
 from components.models import FAMILIES, build_model
-from components.training.checkpoint import save_weights
+from components.training.checkpoint import save_state, save_weights
 from components.training.trainer import Trainer
 
 torch.set_num_threads(1)
@@ -37,19 +38,29 @@ def log_fn(values, step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 model = build_model(cfg, 1, 4)
-Trainer(model, cfg, log_every=1, checkpoint_every=1, checkpoint_path=Path(checkpoint) if checkpoint else None,
-        log_fn=log_fn, progress=False).fit(images, labels)
-save_weights(model, out)
+trainer = Trainer(model, cfg, log_every=1, checkpoint_every=1,
+                  checkpoint_path=Path(checkpoint) if checkpoint else None, log_fn=log_fn, progress=False)
+trainer.fit(images, labels)
+save_weights(model, out)  # the EMA in the ema_modules when there is one
+save_state(trainer.live_state_dict(), out.with_name(f"live-{out.name}"))
 """
 
 SMALL = {
     "vae": {"latent_dim": 4, "width": 8, "beta": 1.0},
     "dcgan": {"latent_dim": 8, "ngf": 8, "ndf": 8, "beta1": 0.5},
 }
+# Plain fp32 (the VAE), and everything the checkpoint must carry besides (the DCGAN: an EMA of the
+# generator, bf16 autocast, channels_last). The plain DCGAN resumes in tests/test_trainer.py.
+VARIANTS = {
+    "vae": ("vae", {}),
+    "dcgan-ema-bf16-channels_last": ("dcgan", {"ema_decay": 0.9, "precision": "bf16", "channels_last": True}),
+}
 
 
-def train(family: str, out: Path, checkpoint: Path | None = None, kill_at: int = 0) -> subprocess.CompletedProcess:
-    fields = model_fields(family, epochs=2, batch_size=16, lr=3e-3, seed=3, **SMALL[family])  # 3 steps per epoch, 6 in all
+def train(variant: str, out: Path, checkpoint: Path | None = None, kill_at: int = 0) -> subprocess.CompletedProcess:
+    family, options = VARIANTS[variant]
+    # 3 steps per epoch, 6 in all
+    fields = model_fields(family, epochs=2, batch_size=16, lr=3e-3, seed=3, **SMALL[family], **options)
     return subprocess.run([sys.executable, "-c", CHILD, json.dumps(fields), str(checkpoint or ""), str(out),
                            str(kill_at)], cwd=REPO, capture_output=True, text=True, timeout=120)
 
@@ -61,19 +72,24 @@ def assert_bit_identical(a: Path, b: Path) -> None:
     assert not differing, f"{len(differing)} of {len(wa)} tensors differ: {differing}"
 
 
-@pytest.mark.parametrize("family", ["vae", "dcgan"])
-def test_same_params_same_weights_and_a_killed_run_resumes_bit_identical(tmp_path, family):
-    first, second = train(family, tmp_path / "first.safetensors"), train(family, tmp_path / "second.safetensors")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_same_params_same_weights_and_a_killed_run_resumes_bit_identical(tmp_path, variant):
+    first, second = train(variant, tmp_path / "first.safetensors"), train(variant, tmp_path / "second.safetensors")
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert_bit_identical(tmp_path / "first.safetensors", tmp_path / "second.safetensors")
 
     checkpoint = tmp_path / "last.pt"
-    killed = train(family, tmp_path / "killed.safetensors", checkpoint, kill_at=5)  # mid-epoch 2
+    killed = train(variant, tmp_path / "killed.safetensors", checkpoint, kill_at=5)  # mid-epoch 2
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (tmp_path / "killed.safetensors").exists()
     assert torch.load(checkpoint, weights_only=True)["step"] == 4
+    assert [p.name for p in tmp_path.glob(".last.pt.tmp-*")] == []  # the checkpoint was never half-written
 
-    resumed = train(family, tmp_path / "resumed.safetensors", checkpoint)
+    resumed = train(variant, tmp_path / "resumed.safetensors", checkpoint)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "at step 4 of 6" in resumed.stdout
     assert_bit_identical(tmp_path / "first.safetensors", tmp_path / "resumed.safetensors")
+    assert_bit_identical(tmp_path / "live-first.safetensors", tmp_path / "live-resumed.safetensors")
+    if VARIANTS[variant][1].get("ema_decay"):
+        ema, live = load_file(str(tmp_path / "first.safetensors")), load_file(str(tmp_path / "live-first.safetensors"))
+        assert any(not torch.equal(ema[k], live[k]) for k in ema if k.startswith("generator."))

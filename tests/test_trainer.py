@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,9 @@ def test_checkpoint_is_safely_loadable_and_complete(tmp_path):
     trainer = Trainer(model, cfg, checkpoint_path=path, resume_key="data-v1", progress=False)
     trainer.fit(images, labels)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    assert {"model", "optimizers", "step", "rng", "config", "last"} <= set(state)
+    assert {"model", "ema", "optimizers", "step", "rollbacks", "lr_scale", "rng", "config", "last"} <= set(state)
+    assert {"global", "cuda", "numpy", "python", "noise"} == set(state["rng"])  # cuda: None on the CPU
+    assert (state["rollbacks"], state["lr_scale"], state["ema"]) == (0, 1.0, {})
     assert state["step"] == trainer.step == 2
     assert set(state["optimizers"]) == {"discriminator", "generator"}
     assert state["config"] == cfg.model_dump(mode="json")
@@ -370,7 +373,7 @@ def poison(model, phase: str, at_call: int):
     change_loss(model, phase, at_call, lambda loss: loss * float("nan"))
 
 
-def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
+def test_non_finite_loss_without_rollbacks_fails_at_the_check_and_restores_the_last_checkpoint(tmp_path):
     images, labels = structured_images(48)
     cfg = small_cfg("dcgan", epochs=2)  # 3 steps/epoch
     path = tmp_path / "last.pt"
@@ -382,19 +385,21 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_pa
         seen[step] = {k: v.clone() for k, v in model.generator.named_parameters()}
 
     trainer = Trainer(model, cfg, name="tiny", checkpoint_path=path, log_every=1, checkpoint_every=2,
-                      log_fn=remember_generator, progress=False)
+                      log_fn=remember_generator, progress=False)  # no divergence config: no rollback
     with pytest.raises(FloatingPointError,
-                       match=r"train\.tiny \(dcgan\): the 'generator' loss is nan at step 4 of 6; stopped before "
-                             r"applying that update; the last good checkpoint .*last\.pt is kept"):
+                       match=r"train\.tiny \(dcgan\): the 'generator' loss is nan at step 4 of 6; stopped after 0 "
+                             r"rollback\(s\) \(divergence\.max_rollbacks=0, learning rate × 1\); the last good "
+                             r"checkpoint .*last\.pt is kept\. Lower train\.tiny\.lr"):
         trainer.fit(images, labels)
     assert torch.load(path, weights_only=True)["step"] == 2  # no checkpoint written by the failing run's end
-    assert list(seen) == [1, 2, 3]
+    assert list(seen) == [1, 2, 3]  # step 4 was checked (log_every=1) before it was logged
+    assert trainer.step == 2
     for k, v in model.generator.named_parameters():
-        assert torch.equal(v, seen[3][k]), k  # the generator as step 3 left it: the NaN update never applied
+        assert torch.equal(v, seen[2][k]), k  # the model holds the last good state, not the NaN update
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
 
 
-def test_non_finite_loss_of_the_first_phase_leaves_the_weights_untouched():
+def test_non_finite_loss_of_the_first_step_leaves_the_initial_weights():
     images, labels = structured_images(16)
     cfg = small_cfg("vae", epochs=1)
     model = make(cfg)
@@ -452,10 +457,11 @@ def test_non_finite_weights_are_never_checkpointed_and_a_rerun_resumes(tmp_path,
     trainer = Trainer(model, cfg, name="tiny", checkpoint_path=path, resume_key="k", checkpoint_every=2,
                       progress=False)
     with pytest.raises(FloatingPointError,
-                       match=rf"train\.tiny \(dcgan\): non-finite values in model\.generator\..* at step {bad_step} "
-                             rf"of 6; not saving this checkpoint, the previous checkpoint .*last\.pt is kept"):
+                       match=rf"train\.tiny \(dcgan\): the 'generator' gradient is (nan|inf) at step {bad_step} of 6; "
+                             rf"stopped after 0 rollback.*the last good checkpoint .*last\.pt is kept"):
         trainer.fit(images, labels)
-    assert not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    assert trainer.step == kept_step  # the model holds the checkpointed state, no NaN weights
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
     state = torch.load(path, weights_only=True)
     assert state["step"] == kept_step  # the good one, not the step with NaN weights
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -468,3 +474,152 @@ def test_non_finite_weights_are_never_checkpointed_and_a_rerun_resumes(tmp_path,
     straight = make(cfg)
     Trainer(straight, cfg, progress=False).fit(images, labels)
     assert_same_weights(resumed, straight)
+
+
+def test_bf16_autocasts_the_forward_passes_and_keeps_fp32_weights():
+    images, labels = structured_images()
+    cfg = small_cfg("vae", precision="bf16")
+    model = make(cfg)
+    seen = set()
+    model.decoder.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    x = to_model_input(images, 28, torch.device("cpu"))
+    before = fixed_loss(model, x, labels)
+    seen.clear()
+    Trainer(model, cfg, progress=False).fit(images, labels)
+    assert seen == {torch.bfloat16}  # the training forward passes ran in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert fixed_loss(model, x, labels) < 0.7 * before
+
+
+def test_channels_last_trains_like_the_default_layout(tmp_path):
+    images, labels = structured_images()
+    cfg, cl_cfg = small_cfg("dcgan", epochs=2), small_cfg("dcgan", epochs=2, channels_last=True)
+    model, cl_model = make(cfg), make(cl_cfg)
+    Trainer(model, cfg, progress=False).fit(images, labels)
+    trainer = Trainer(cl_model, cl_cfg, checkpoint_path=tmp_path / "last.pt", progress=False)
+    conv = next(m for m in cl_model.discriminator.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    trainer.fit(images, labels)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(cl_model.state_dict()[k].float(), v.float(), atol=1e-4), k  # same math, other layout
+
+
+@pytest.mark.slow
+def test_compiled_submodules_train_like_eager_with_the_same_state_dict_keys():
+    """torch.compile on the CPU: ~1-2 minutes of compilation on a busy machine, hence slow."""
+    images, labels = structured_images(32)
+    cfg, compiled_cfg = small_cfg("vae", epochs=1), small_cfg("vae", epochs=1, compile=True)
+    eager, compiled = make(cfg), make(compiled_cfg)
+    Trainer(eager, cfg, progress=False).fit(images, labels)
+    Trainer(compiled, compiled_cfg, progress=False).fit(images, labels)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    for k, v in eager.state_dict().items():
+        assert torch.allclose(compiled.state_dict()[k], v, atol=1e-4), k
+
+
+def test_the_sentinel_sees_the_ema_in_eval_mode_every_k_steps_and_its_values_are_logged():
+    images, labels = structured_images(48)
+    cfg = small_cfg("dcgan", epochs=2, ema_decay=0.9)  # 6 steps
+    model = make(cfg)
+    calls, logged, live_at = [], [], {}
+
+    def monitor(m):
+        calls.append((m.training, {k: v.clone() for k, v in m.generator.state_dict().items()}))
+        return {"sentinel_classes_covered": 3.0, "sentinel_collapse": 0.0}
+
+    def log_fn(values, step):
+        logged.append((step, values))
+        live_at[step] = {k: v.clone() for k, v in model.generator.state_dict().items()}
+
+    trainer = Trainer(model, cfg, log_every=1, log_fn=log_fn, monitor_fn=monitor, sentinel_every=2, progress=False)
+    trainer.fit(images, labels)
+
+    assert [(step, values) for step, values in logged if "sentinel_collapse" in values] == [
+        (s, {"sentinel_classes_covered": 3.0, "sentinel_collapse": 0.0}) for s in (2, 4, 6)]
+    assert [training for training, _ in calls] == [False, False, False]  # sampled in eval mode
+    params = [k for k, _ in model.generator.named_parameters()]
+    for (_, seen), step in zip(calls, (2, 4, 6)):
+        assert any(not torch.equal(seen[k], live_at[step][k]) for k in params)  # the average, not the live weights
+    for k, v in calls[-1][1].items():
+        assert torch.equal(model.generator.state_dict()[k], v), k  # the last check saw the final EMA
+
+    plain = make(cfg)
+    Trainer(plain, cfg, progress=False).fit(images, labels)
+    assert_same_weights(model, plain)  # the sentinel changed nothing in the training
+
+
+def test_class_histogram_values_and_the_collapse_flag():
+    from components.training.sentinel import class_histogram
+
+    assert class_histogram(torch.tensor([5, 5, 5, 5])) == {
+        "sentinel_classes_covered": 4.0, "sentinel_top_class_share": 0.25, "sentinel_collapse": 0.0}
+    assert class_histogram(torch.tensor([6, 2, 2, 0]))["sentinel_collapse"] == 1.0  # top class > 50 %
+    assert class_histogram(torch.tensor([5, 0, 0, 5, 0]))["sentinel_collapse"] == 1.0  # 2 of 5 classes
+    assert class_histogram(torch.tensor([5, 5, 0, 0]))["sentinel_collapse"] == 0.0  # half covered, top 50 %
+
+
+class OneImage(torch.nn.Module):
+    """A collapsed generator: the same image whatever the noise."""
+
+    def __init__(self, image):
+        super().__init__()
+        self.register_buffer("image", image)
+
+    def sample(self, n, generator=None, labels=None, prompts=None):
+        return self.image.expand(n, -1, -1, -1)
+
+
+def test_the_class_histogram_sentinel_judges_samples_with_the_classifier():
+    from components.config import ClassifierConfig
+    from components.evaluation.classifier import train_classifier
+    from components.training.sentinel import class_histogram_sentinel
+
+    images, labels = structured_images(64)
+    classifier = train_classifier(images, labels, 4, ClassifierConfig(epochs=3, batch_size=16, lr=3e-3, width=4,
+                                                                      seed=0), progress=False)
+    sentinel = class_histogram_sentinel(classifier, 4, samples=100)
+    with pytest.warns(RuntimeWarning, match=r"mode-collapse sentinel: the largest class takes 100% of 100 samples, "
+                                            r"1 of 4 classes appear"):
+        values = sentinel(OneImage(to_model_input(images[:1], 28, "cpu")))
+    assert values == {"sentinel_classes_covered": 1.0, "sentinel_top_class_share": 1.0, "sentinel_collapse": 1.0}
+
+    model = make(small_cfg("dcgan")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an untrained generator may well be collapsed
+        first, second = sentinel(model), sentinel(model)
+    assert first == second  # fixed samples: the same model gets the same histogram
+    assert 1 <= first["sentinel_classes_covered"] <= 4
+
+    with pytest.raises(ValueError, match="classifier knows 4 classes, the data 10"):
+        class_histogram_sentinel(classifier, 10)
+
+
+def test_numpy_and_python_random_states_are_checkpointed_and_restored(tmp_path):
+    """A family drawing from numpy or Python's random (augmentation, say) resumes on the same draws."""
+    import random
+
+    import numpy as np
+
+    images, labels = structured_images(48)
+    cfg = small_cfg("vae", epochs=2)  # 3 steps/epoch
+
+    def draws(values, step):
+        seen.append((step, float(np.random.rand()), random.random()))
+
+    seen = []
+    Trainer(make(cfg), cfg, log_every=1, log_fn=draws, progress=False).fit(images, labels)
+    straight = list(seen)
+
+    def draws_then_crash(values, step):
+        draws(values, step)
+        crash_at(5)(values, step)
+
+    path, seen = tmp_path / "last.pt", []
+    with pytest.raises(Interrupt):
+        Trainer(make(cfg), cfg, checkpoint_path=path, log_every=1, checkpoint_every=2, progress=False,
+                log_fn=draws_then_crash).fit(images, labels)
+    np.random.seed(12345)  # another process would start from other states
+    random.seed(12345)
+    seen = []
+    Trainer(make(cfg), cfg, checkpoint_path=path, log_every=1, log_fn=draws, progress=False).fit(images, labels)
+    assert seen == straight[4:]

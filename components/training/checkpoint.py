@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -54,7 +56,12 @@ def move_aside(path: Path) -> Path:
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_state(model.state_dict(), path)
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as safetensors (dense, on the CPU: channels_last strides are not kept)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     _atomic(path, lambda tmp: save_file(state, tmp))
 
 
@@ -65,3 +72,30 @@ def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 def write_json(data: Any, path: Path) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def global_rng_state(device: torch.device) -> dict[str, Any]:
+    """The process-wide random states (torch's CPU and, training on a GPU, its CUDA generator;
+    numpy's; Python's), in types torch.load(weights_only=True) accepts."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "global": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+
+
+def set_global_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    numpy, python = state["numpy"], state["python"]
+    np_state = ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                numpy["cached_gaussian"])
+    py_state = (python["version"], tuple(int(v) for v in python["internal"].tolist()), python["gauss_next"])
+    torch.set_rng_state(state["global"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
