@@ -157,6 +157,27 @@ def test_evaluate_model_reports_every_metric_and_writes_grid(classifier, tmp_pat
         evaluate_model(tiny_model("vae"), classifier, real_u8[:1], cfg)
 
 
+def test_a_reconstructing_model_is_scored_on_reconstructions_of_the_reference(classifier, tmp_path):
+    from components.evaluation.evaluate import reference_subset, score_samples
+    from components.evaluation.grid import reconstruct_uint8
+
+    model = build_model(model_config("ae"), 1, num_classes=10).eval()
+    real_u8 = to_uint8(structured_set(50))
+    cfg = EvaluateConfig(metrics=["fid", "recon_mse"], num_samples=30, kid_subset_size=10, grid_size=8, seed=2)
+    out = evaluate_model(model, classifier, real_u8, cfg, tmp_path / "grid.png", kind="reconstruct")
+    reference = reference_subset(real_u8, cfg)
+    recon = reconstruct_uint8(model, reference)
+    assert out == score_samples(recon, real_u8, classifier, cfg, 28, model=model)
+    assert set(out) == {"num_samples", "fid", "recon_mse"} and out["num_samples"] == 30
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size == (2 * 30 + 2, 4 * 30 + 2)  # 4 pairs, each real image beside its reconstruction
+        pixels = np.asarray(im)
+    assert np.array_equal(pixels[2:30, 2:30], reference[0, 0].numpy())
+    assert np.array_equal(pixels[2:30, 32:60], recon[0, 0].numpy())
+    with pytest.raises(TypeError, match="not a sampler"):  # evaluated as a sampler, it says what it is
+        evaluate_model(model, classifier, real_u8, cfg, kind="generate")
+
+
 @pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB")])
 @pytest.mark.parametrize("n, nrow, cols, rows", [(5, None, 3, 2), (4, None, 2, 2), (6, 6, 6, 1)])
 def test_save_grid_png_dimensions(tmp_path, channels, mode, n, nrow, cols, rows):
@@ -212,7 +233,7 @@ class _BrokenGenerator(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.tensor(float("nan")))
 
-    def sample(self, n, generator=None, labels=None):
+    def sample(self, n, generator=None, labels=None, prompts=None):
         return self.weight * torch.ones(n, 1, 28, 28)
 
 

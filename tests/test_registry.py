@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -321,12 +322,13 @@ def test_absent_champion_and_run_are_absent(tmp_path, store):
 
 def test_registered_samples_come_from_the_models_own_code_snapshot(tmp_path, store):
     from components.evaluation.grid import sample_uint8
-    from components.tracking.champion_samples import RegisteredModelUnloadable, registered_samples
+    from components.tracking.champion_samples import RegisteredModelUnloadable, registered_images
     from components.tracking.model_files import load_trained_model
 
     model_dir, _, _ = candidate = make_candidate(tmp_path, 1, 60.0)
     register(candidate)
-    samples, code = registered_samples(f"models:/{NAME}/1", 6, seed=4)
+    reference = np.zeros((6, 1, 28, 28), dtype=np.uint8)  # a sampler's images: as many as the reference holds
+    samples, code = registered_images(f"models:/{NAME}/1", reference, seed=4)
     repo_components = Path(registry.__file__).resolve().parents[1]
     assert Path(code).resolve().parent != repo_components, "must load the registered snapshot, not today's code"
     assert Path(code).parent.name == "components"
@@ -338,7 +340,7 @@ def test_registered_samples_come_from_the_models_own_code_snapshot(tmp_path, sto
     (broken_dir / "model.json").write_text(json.dumps({**spec, "family": "retired-family"}))
     register((broken_dir, eval_dir, lineage))
     with pytest.raises(RegisteredModelUnloadable, match="retired-family") as unloadable:
-        registered_samples(f"models:/{NAME}/2", 2, seed=0)
+        registered_images(f"models:/{NAME}/2", reference[:2], seed=0)
     assert "genpipe-champion-" not in str(unloadable.value), "no temp path of this machine in the reason"
     with pytest.raises(RegisteredModelUnloadable, match=f"models:/{NAME}/99"):  # gone for good: not a retry
-        registered_samples(f"models:/{NAME}/99", 2, seed=0)
+        registered_images(f"models:/{NAME}/99", reference[:2], seed=0)

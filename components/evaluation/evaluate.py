@@ -8,10 +8,10 @@ import torch
 
 from components.config import EvaluateConfig
 from components.evaluation.classifier import Classifier
-from components.evaluation.grid import sample_uint8, save_grid
+from components.evaluation.grid import evaluation_images, save_grid
 from components.evaluation.metrics import METRICS, EvalContext
-from components.models.base import GenerativeModel
-from components.images import to_model_input
+from components.images import resize, to_model_input
+from components.models.base import GenerativeModel, TaskKind
 
 
 class NonFiniteMetric(ValueError):
@@ -57,11 +57,30 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
 
 
 def evaluate_model(model: GenerativeModel, classifier: Classifier, real_u8: torch.Tensor, cfg: EvaluateConfig,
-                   grid_path: Path | None = None) -> dict[str, float]:
-    """Metrics in cfg.metrics comparing cfg.num_samples samples (fixed seed) with held-out real images."""
-    n = reference_subset(real_u8, cfg).shape[0]
-    fake = sample_uint8(model, n, seed=cfg.seed)
+                   grid_path: Path | None = None, kind: TaskKind = "generate") -> dict[str, float]:
+    """Metrics in cfg.metrics of the model's images against the reference subset of held-out real
+    images, by its family's task `kind`: a sampler's samples (fixed seed), as many as the reference
+    holds; a reconstructor's reconstructions of the reference images themselves."""
+    reference = reference_subset(real_u8, cfg)
+    fake = evaluation_images(model, kind, reference, cfg.seed)
     results = score_samples(fake, real_u8, classifier, cfg, model.image_size, model=model)
     if grid_path is not None:
-        save_grid(fake[: cfg.grid_size], grid_path)
+        images, nrow = GRIDS[kind](fake, reference, cfg.grid_size, model.image_size)
+        save_grid(images, grid_path, nrow=nrow)
     return results
+
+
+def _sample_grid(fake: torch.Tensor, reference: torch.Tensor, grid_size: int, image_size: int):
+    return fake[:grid_size], None
+
+
+def _reconstruction_grid(fake: torch.Tensor, reference: torch.Tensor, grid_size: int, image_size: int):
+    """Each real image beside its reconstruction: pairs side by side, as square a grid as fits."""
+    pairs = max(1, min(grid_size // 2, fake.shape[0]))
+    real = resize(reference[:pairs].float(), image_size).round().clamp(0, 255).to(torch.uint8)
+    interleaved = torch.stack([real, fake[:pairs]], dim=1).flatten(0, 1)  # (2·pairs, C, H, W): real, recon, …
+    return interleaved, 2 * max(1, round(math.sqrt(pairs / 2)))
+
+
+# What an evaluation's grid shows, by task kind: (images, nrow or None for a square grid).
+GRIDS = {"generate": _sample_grid, "reconstruct": _reconstruction_grid}

@@ -1,4 +1,4 @@
-"""Sample grids as PNG files."""
+"""The images a model makes (samples, reconstructions) as uint8 tensors, and grids of them as PNG files."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from components.images import to_uint8
+from components.images import to_model_input, to_uint8
 
 
 class NonFiniteSamples(ValueError):
@@ -27,18 +27,70 @@ def save_grid(images_u8: torch.Tensor, path: Path, nrow: int | None = None) -> N
     tmp.replace(path)
 
 
-def sample_uint8(model, n: int, seed: int, labels: torch.Tensor | None = None, batch_size: int = 500) -> torch.Tensor:
-    """n samples at a fixed seed, uint8 N×C×H×W; the same seed gives the same images."""
+def _check_finite(images: torch.Tensor, what: str) -> None:
+    bad = (~torch.isfinite(images)).flatten(1).any(dim=1)
+    if bad.any():
+        raise NonFiniteSamples(f"{int(bad.sum())} of {images.shape[0]} {what} contain NaN or infinite pixels; "
+                               f"the model's weights are probably broken: retrain it")
+
+
+def _empty(model) -> torch.Tensor:
+    return torch.zeros(0, model.channels, model.image_size, model.image_size, dtype=torch.uint8)
+
+
+def sample_uint8(model, n: int, seed: int, labels: torch.Tensor | None = None, batch_size: int = 500,
+                 prompts: list[str] | None = None) -> torch.Tensor:
+    """n samples at a fixed seed, uint8 N×C×H×W; the same seed gives the same images.
+
+    Conditional models take class ids `labels` (n,) or text `prompts` (n strings); with neither,
+    they draw their classes in turn (within each batch of `batch_size`).
+    """
     generator = torch.Generator().manual_seed(seed)
     model.eval()
     chunks = []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         part = None if labels is None else labels[start:start + count]
-        images = model.sample(count, generator=generator, labels=part)
-        bad = (~torch.isfinite(images)).flatten(1).any(dim=1)
-        if bad.any():
-            raise NonFiniteSamples(f"{int(bad.sum())} of {count} samples (seed {seed}, from image {start}) contain "
-                                   f"NaN or infinite pixels; the model's weights are probably broken: retrain it")
+        texts = None if prompts is None else prompts[start:start + count]
+        images = model.sample(count, generator=generator, labels=part, prompts=texts)
+        _check_finite(images, f"samples (seed {seed}, from image {start})")
         chunks.append(to_uint8(images.cpu()))
-    return torch.cat(chunks) if chunks else torch.zeros(0, model.channels, model.image_size, model.image_size, dtype=torch.uint8)
+    return torch.cat(chunks) if chunks else _empty(model)
+
+
+@torch.no_grad()
+def reconstruct_uint8(model, images_u8: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Reconstructions of uint8 images N×C×H×W (resized to the model's resolution), uint8
+    N×C×size×size."""
+    device = next(model.parameters()).device
+    model.eval()
+    chunks = []
+    for start in range(0, images_u8.shape[0], batch_size):
+        x = to_model_input(images_u8[start:start + batch_size], model.image_size, device)
+        images = model.reconstruct(x)  # (n, C, size, size) in [-1, 1]
+        _check_finite(images, f"reconstructions (from image {start})")
+        chunks.append(to_uint8(images.cpu()))
+    return torch.cat(chunks) if chunks else _empty(model)
+
+
+@torch.no_grad()
+def encode_latents(model, images_u8: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Latent codes of uint8 images N×C×H×W (resized to the model's resolution), float32 N×latent_dim."""
+    device = next(model.parameters()).device
+    model.eval()
+    codes = [model.encode(to_model_input(images_u8[start:start + batch_size], model.image_size, device)).float().cpu()
+             for start in range(0, images_u8.shape[0], batch_size)]
+    return torch.cat(codes) if codes else torch.zeros(0, model.latent_dim)
+
+
+# The images an evaluation scores against the reference (held-out real) images, by the model's task
+# kind: a sampler's samples, as many as the reference holds; a reconstructor's reconstructions of them.
+EVALUATION_IMAGES = {
+    "generate": lambda model, reference_u8, seed: sample_uint8(model, reference_u8.shape[0], seed),
+    "reconstruct": lambda model, reference_u8, seed: reconstruct_uint8(model, reference_u8),
+}
+
+
+def evaluation_images(model, kind: str, reference_u8: torch.Tensor, seed: int) -> torch.Tensor:
+    """uint8 N×C×H×W images of `model` (a family of task `kind`) to score against `reference_u8`."""
+    return EVALUATION_IMAGES[kind](model, reference_u8, seed)

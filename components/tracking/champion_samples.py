@@ -1,8 +1,9 @@
-"""Samples of a registered model, drawn with the code it was registered with.
+"""Images of a registered model (samples, or reconstructions), made with the code it was registered with.
 
 A champion registered by older code is loaded in a fresh interpreter, where MLflow puts the
 model's own code snapshot (its code_paths) first on sys.path, so today's components never mix
-with it. Only the samples come back; today's evaluator scores them.
+with it. The reference images go to it as a .npy file; only its images come back, and today's
+evaluator scores them.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from components.state import mlflow_tracking_uri
 # machine or the network (memory, files, a killed child) is left to the parent as worth a retry.
 _CHILD = r"""
 import json, sys, traceback
-uri, count, seed, out, status, dst = sys.argv[1:7]
+uri, reference_path, seed, out, status, dst = sys.argv[1:7]
 def report(**info):
     with open(status, "w") as f:
         json.dump(info, f)
@@ -36,18 +37,25 @@ except Exception as exc:
     report(stage="download failed", error=describe(exc), error_code=getattr(exc, "error_code", None))
     sys.exit(4)
 report(stage="load")
+import numpy as np
+reference = np.load(reference_path, allow_pickle=False)
 try:
     model = mlflow.pyfunc.load_model(local)
-    import components
-    from components.evaluation.grid import sample_uint8
+    import components, torch
+    python_model = model.unwrap_python_model()
     report(stage="sample", code=components.__file__)
-    images = sample_uint8(model.unwrap_python_model().model, int(count), int(seed))
+    try:
+        from components.evaluation.grid import evaluation_images
+    except ImportError:  # code from before task kinds: every family in it is a sampler
+        from components.evaluation.grid import sample_uint8
+        images = sample_uint8(python_model.model, reference.shape[0], int(seed))
+    else:
+        images = evaluation_images(python_model.model, python_model.kind, torch.from_numpy(reference), int(seed))
 except (MemoryError, OSError):
     raise
 except Exception as exc:
     report(stage="failed", error=describe(exc))
     sys.exit(3)
-import numpy as np
 np.save(out, images.numpy())
 report(stage="done", code=components.__file__)
 """
@@ -60,16 +68,20 @@ class RegisteredModelUnloadable(RuntimeError):
     """The registered model cannot be loaded or sampled by its own code, or its artefacts are gone."""
 
 
-def registered_samples(model_uri: str, count: int, seed: int, timeout_s: float = 1800) -> tuple[np.ndarray, str]:
-    """`count` uint8 samples (N×C×H×W) of a registered model at `seed`, and the path of the
-    components package that drew them (inside the model's downloaded code snapshot).
+def registered_images(model_uri: str, reference_u8: np.ndarray, seed: int,
+                      timeout_s: float = 1800) -> tuple[np.ndarray, str]:
+    """The uint8 images (N×C×H×W) a registered model makes for scoring against `reference_u8`
+    (held-out real images, uint8 N×C×H×W) by its task kind: a sampler's samples at `seed`, as many
+    as the reference holds; a reconstructor's reconstructions of the reference images. Also the
+    path of the components package that made them (inside the model's downloaded code snapshot).
 
     Raises RegisteredModelUnloadable for the model's own failures, RuntimeError for the rest.
     """
     with tempfile.TemporaryDirectory(prefix="genpipe-champion-") as tmp:
-        out, status = Path(tmp) / "samples.npy", Path(tmp) / "status.json"
+        out, status, reference = Path(tmp) / "images.npy", Path(tmp) / "status.json", Path(tmp) / "reference.npy"
+        np.save(reference, np.ascontiguousarray(reference_u8, dtype=np.uint8))
         proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, model_uri, str(count), str(seed), str(out), str(status), tmp],
+            [sys.executable, "-c", _CHILD, model_uri, str(reference), str(seed), str(out), str(status), tmp],
             cwd=tmp, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_tracking_uri()},
             capture_output=True, text=True, timeout=timeout_s)
         info = json.loads(status.read_text()) if status.is_file() else {"stage": "start"}
