@@ -77,10 +77,14 @@ def load_classifier(classifier_dir: Path):
     return load_weights(model, Path(classifier_dir) / "classifier.safetensors").to(device()).eval()
 
 
-def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
-    from components.models import build_model
+def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metrics_path: Path,
+                classifier_dir: Path | None = None) -> dict:
+    """Train train.<name>; with classifier_dir (the evaluator), a generate-kind model's samples are
+    watched for mode collapse every tracking.sentinel_every steps."""
+    from components.models import FAMILIES, build_model
     from components.tracking.model_files import save_trained_model
     from components.tracking.runs import training_run
+    from components.training.checkpoint import save_state
     from components.training.trainer import Trainer
 
     cfg = params.model(name)
@@ -93,18 +97,26 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
     tags = {"genpipe.stage": f"train@{name}", "dataset_version": data_version,  # model.json's name and value
             "genpipe.model_params_hash": config_hash(cfg), "genpipe.family": cfg.family}
     checkpoint = checkpoint_path(registered_name)
+    monitor = None
+    if classifier_dir is not None and FAMILIES.get(cfg.family).kind == "generate":
+        from components.training.sentinel import class_histogram_sentinel
+
+        monitor = class_histogram_sentinel(load_classifier(classifier_dir), len(classes))
     with training_run(registered_name, run_name=f"train-{name}", params=cfg.model_dump(), tags=tags) as log_metrics:
         trainer = Trainer(model, cfg, name=name, log_every=params.tracking.log_every,
                           checkpoint_every=params.tracking.checkpoint_every,
                           checkpoint_path=checkpoint,
                           resume_key=f"{data_version}-{source_hash('models', 'training')}", log_fn=log_metrics,
-                          device=device())
-        metrics = trainer.fit(images, labels)
+                          device=device(), divergence=params.divergence, monitor_fn=monitor,
+                          sentinel_every=params.tracking.sentinel_every)
+        metrics = trainer.fit(images, labels)  # the model now holds the EMA weights (when ema_decay > 0)
         spec = {"family": cfg.family, "config": cfg.model_dump(mode="json"), "channels": channels,
                 "num_classes": len(classes), "classes": classes, "dataset": params.data.name,
                 "dataset_version": data_version, "steps": trainer.step}
         with staged_dir(out_dir) as tmp:
             save_trained_model(model, spec, tmp)
+            if cfg.ema_decay > 0:  # the weights before averaging, to measure what the EMA gains
+                save_state(trainer.live_state_dict(), tmp / "live.safetensors")
             write_json({"run_id": log_metrics.run_id, "experiment": registered_name}, tmp / "run.json")
     write_json(metrics, Path(metrics_path))
     # The outputs are in place: the checkpoint has done its job. Its resume key covers the data and
@@ -118,37 +130,42 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
 def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Path, model_dir: Path,
                    out_dir: Path) -> dict:
     from components.evaluation.evaluate import evaluate_model
+    from components.models import FAMILIES
+    from components.evaluation.pictures import write_pictures
     from components.evaluation.protocol import PROTOCOL_FILE, folder_hash, score_protocol
     from components.tracking.model_files import load_trained_model
 
     model = load_trained_model(Path(model_dir), device=str(device()))
     classifier = load_classifier(classifier_dir)
-    real, _ = load_split(data_dir, "test")
+    real, real_labels = load_split(data_dir, "test")
     protocol = score_protocol(params.evaluate, evaluator=folder_hash(classifier_dir),
                               dataset_version=dataset_version(data_dir), image_size=model.image_size)
     with staged_dir(out_dir) as tmp:
-        metrics = evaluate_model(model, classifier, real, params.evaluate, grid_path=tmp / "grid.png")
+        metrics = evaluate_model(model, classifier, real, params.evaluate, grid_path=tmp / "grid.png",
+                                 kind=FAMILIES.get(params.model(name).family).kind)
         write_json(metrics, tmp / "metrics.json")
+        write_pictures(model, real, real_labels, read_manifest(data_dir)["classes"], tmp / "pictures",
+                       seed=params.evaluate.seed)
         write_json(protocol, tmp / PROTOCOL_FILE)  # what these scores can be compared with
     print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
 
 
 def rescore_registered(model_uri: str, metric: str, protocol: dict, data_dir: Path, classifier_dir: Path) -> float:
-    """`metric` of a registered model under `protocol`: samples drawn by the model's own registered
-    code (in a subprocess), scored here with today's evaluator and held-out data."""
+    """`metric` of a registered model under `protocol`: its samples or reconstructions, made by the
+    model's own registered code (in a subprocess), scored here with today's evaluator and held-out data."""
     import torch
 
     from components.evaluation.evaluate import NonFiniteMetric, reference_subset, score_samples
     from components.evaluation.grid import NonFiniteSamples
     from components.evaluation.protocol import evaluate_config
-    from components.tracking.champion_samples import RegisteredModelUnloadable, registered_samples
+    from components.tracking.champion_samples import RegisteredModelUnloadable, registered_images
     from components.tracking.registry import ChampionUnscorable
 
     real, _ = load_split(data_dir, "test")
     cfg = evaluate_config(protocol, [metric])
     try:
-        fake, _ = registered_samples(model_uri, reference_subset(real, cfg).shape[0], cfg.seed)
+        fake, _ = registered_images(model_uri, reference_subset(real, cfg).numpy(), cfg.seed)
         scores = score_samples(torch.from_numpy(fake), real, load_classifier(classifier_dir), cfg,
                                protocol["image_size"])
     except (RegisteredModelUnloadable, NonFiniteSamples, NonFiniteMetric) as exc:

@@ -58,7 +58,7 @@ def cmd_train(args) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     _sweep(args.out, args.metrics)
-    train_stage(_params(), args.model, args.data, args.out, args.metrics)
+    train_stage(_params(), args.model, args.data, args.out, args.metrics, classifier_dir=args.classifier)
 
 
 def cmd_evaluate(args) -> None:
@@ -107,28 +107,103 @@ def cmd_params(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    import mlflow.pyfunc
     import torch
 
     from components.evaluation.grid import save_grid
 
-    name, _, alias = args.model.partition("@")
-    uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/latest"
-    request = {"count": args.n, "seed": args.seed}
-    if args.labels:
-        request["labels"] = [int(v) for v in args.labels.split(",")]
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = mlflow.pyfunc.load_model(uri)
-    except MlflowException as exc:
-        raise UsageError(f"--model {args.model}: {exc.message.rstrip('.')}. Registered: {_registered_models()}") from None
-    try:
-        images = model.predict(request)
-    except ValueError as exc:
-        raise UsageError(f"sample request: {exc}") from None
+    labels = _parse_labels(args.labels)
+    count = args.n if args.n is not None else len(labels) if labels is not None else 64
+    if labels is not None and len(labels) != count:
+        raise UsageError(f"--labels: {len(labels)} class id(s) for -n {count}; give one per image, or leave out -n")
+    request = {"count": count, "seed": args.seed}
+    if labels is not None:
+        request["labels"] = labels
+    if args.prompt is not None:
+        request["prompt"] = args.prompt
+    model, uri = _load_registered(args.model)
+    kind = getattr(model.unwrap_python_model(), "kind", "generate")  # models registered before task kinds sample
+    if kind != "generate":
+        raise UsageError(f"--model {args.model}: a {kind} model, not a sampler; reconstruct images with "
+                         f"`genpipe reconstruct --model {args.model} --in images.npy --out out.png`")
+    images = _predict(model, request, "sample")
     save_grid(torch.from_numpy(images), Path(args.out))
     print(f"wrote {images.shape[0]} samples from {uri} to {args.out}")
+
+
+def cmd_reconstruct(args) -> None:
+    import numpy as np
+    import torch
+
+    from components.evaluation.grid import save_grid
+
+    images = _read_images(args.input)
+    if args.out.suffix not in (".png", ".npy") or (args.output == "latent" and args.out.suffix != ".npy"):
+        allowed = ".npy" if args.output == "latent" else ".png (a grid) or .npy"
+        raise UsageError(f"--out {args.out}: {args.output} output is written as {allowed}")
+    model, uri = _load_registered(args.model)
+    kind = getattr(model.unwrap_python_model(), "kind", "generate")
+    if kind != "reconstruct":
+        raise UsageError(f"--model {args.model}: a {kind} model, it does not reconstruct; draw samples with "
+                         f"`genpipe sample --model {args.model} --out grid.png`")
+    result = _predict(model, {"images": images, "output": args.output}, "reconstruct")
+    if args.out.suffix == ".npy":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(f".{args.out.name}.tmp.npy")
+        np.save(tmp, result)
+        tmp.replace(args.out)
+    else:  # each input image beside its reconstruction
+        pairs = np.stack([images.astype(np.uint8), result], axis=1)  # (N, 2, C, H, W): input, reconstruction
+        save_grid(torch.from_numpy(pairs.reshape(-1, *result.shape[1:])),
+                  args.out, nrow=2 * min(4, images.shape[0]))
+    print(f"wrote {args.output} of {images.shape[0]} image(s) from {uri} to {args.out}")
+
+
+def _parse_labels(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--labels: expected comma-separated class ids like 7,7,9, got {text!r}") from None
+
+
+def _read_images(path: Path):
+    """uint8 images N×C×H×W from a .npy file of them, or one image from a .png (1×C×H×W)."""
+    import numpy as np
+    from PIL import Image
+
+    if not path.is_file():
+        raise UsageError(f"--in {path}: no such file")
+    if path.suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise UsageError(f"--in {path}: not a plain .npy array ({exc})") from None
+    if path.suffix == ".png":
+        with Image.open(path) as im:
+            array = np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+        return (array[None, None] if array.ndim == 2 else array.transpose(2, 0, 1)[None]).copy()
+    raise UsageError(f"--in {path}: expected a .npy array of uint8 N×C×H×W images or one .png image")
+
+
+def _load_registered(name_alias: str):
+    """The pyfunc of NAME@ALIAS (NAME alone: its latest version), and its URI."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    name, _, alias = name_alias.partition("@")
+    uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/latest"
+    try:
+        return mlflow.pyfunc.load_model(uri), uri
+    except MlflowException as exc:
+        raise UsageError(f"--model {name_alias}: {exc.message.rstrip('.')}. Registered: {_registered_models()}") from None
+
+
+def _predict(model, request: dict, what: str):
+    try:
+        return model.predict(request)
+    except ValueError as exc:
+        raise UsageError(f"{what} request: {exc}") from None
 
 
 def _registered_models() -> str:
@@ -174,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "train one model of params.yaml's train section (stage 'train@NAME')")
     p.add_argument("model")
     p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--classifier", type=Path, required=True,
+                   help="the evaluator classifier, for the mode-collapse sentinel of generate-kind models")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--metrics", type=Path, required=True)
     p = add("evaluate", cmd_evaluate, "score one trained model and draw its grid (stage 'evaluate@NAME')")
@@ -192,10 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="when another retrain holds this workspace, wait this long for it (default: exit)")
     p = add("sample", cmd_sample, "generate a grid from a registered model")
     p.add_argument("--model", required=True, help="NAME@ALIAS, e.g. fashion-mnist-dcgan@champion")
-    p.add_argument("-n", type=int, default=64, help="number of images")
+    p.add_argument("-n", type=int, help="number of images (default: one per --labels entry, else 64)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--labels", help="comma-separated class ids, conditional models only")
+    p.add_argument("--labels", help="comma-separated class ids, one per image, e.g. 7,7,9 (conditional models)")
+    p.add_argument("--prompt", help='text naming a class for every image, e.g. "ankle boot" (prompted models)')
     p.add_argument("--out", type=Path, required=True)
+    p = add("reconstruct", cmd_reconstruct, "reconstruct or encode images with a registered autoencoder")
+    p.add_argument("--model", required=True, help="NAME@ALIAS, e.g. fashion-mnist-ae@champion")
+    p.add_argument("--in", dest="input", type=Path, required=True,
+                   help=".npy of uint8 N×C×H×W images, or one .png image")
+    p.add_argument("--output", choices=["reconstruction", "latent"], default="reconstruction")
+    p.add_argument("--out", type=Path, required=True, help=".png grid (input beside reconstruction) or .npy array")
     p = add("ui", cmd_ui, "serve the MLflow UI over genpipe's tracking store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)

@@ -1,0 +1,91 @@
+"""The benchmark scripts run: a configuration for every family, the GPU script's dry run on the CPU,
+its FLOP count, and its clear refusal without CUDA."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_gpu  # noqa: E402
+import bench_trainer  # noqa: E402
+from components.models import FAMILIES, build_model  # noqa: E402
+from components.params import load_params  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run_script(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_every_registered_family_has_a_benchmark_config():
+    params = load_params(ROOT / "params.yaml")
+    for family in FAMILIES.names():
+        cfg, source = bench_trainer.family_config(params, family)
+        assert cfg.family == family and cfg.epochs == 1, source
+        build_model(cfg, 1, 10)  # the config builds a model
+
+
+def test_unknown_trainer_option_is_refused_with_the_valid_ones():
+    with pytest.raises(SystemExit, match="unknown option 'bf17'; valid: params, fp32, bf16"):
+        bench_trainer.parse_options("bf16+bf17")
+    assert bench_trainer.parse_options("bf16+channels_last") == {"precision": "bf16", "channels_last": True}
+
+
+def test_bench_trainer_prints_and_writes_the_table(tmp_path):
+    out = tmp_path / "table.md"
+    done = run_script("benchmarks/bench_trainer.py", "--family", "vae", "--images", "96", "--batch-size", "32",
+                      "--repeats", "1", "--data", "synthetic", "--threads", "1", "--markdown-out", str(out))
+    assert done.returncode == 0, done.stderr
+    table = out.read_text()
+    assert table.startswith("Machine: ") and f"torch {torch.__version__}" in table
+    row = next(line for line in table.splitlines() if line.startswith("| vae |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "params.yaml train.vae" and cells[2] == "32"
+    trainer, bare, preloaded = float(cells[4]), float(cells[5]), float(cells[7])
+    assert trainer > 0 and bare > 0 and preloaded > 0
+    assert cells[6].startswith(f"{trainer / bare:.2f}×")
+
+
+def test_dcgan64_training_image_costs_the_issues_flops():
+    cfg = FAMILIES.get("dcgan").config.model_validate({**bench_gpu.SHARED, **bench_gpu.DCGAN64, "batch_size": 8,
+                                                       "precision": "fp32", "channels_last": False, "compile": False})
+    gflop = bench_gpu.flops_per_image(cfg, lambda c: build_model(c, bench_gpu.CHANNELS, 10), batch=2) / 1e9
+    # D fwd+bwd three times, G fwd+bwd once: ≈ 2.5 GFLOP (issue 6, item 7)
+    assert 2.3 < gflop < 2.7
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_gpu_without_cuda_fails_fast_and_says_what_to_do():
+    done = run_script("benchmarks/bench_gpu.py", timeout=60)
+    assert done.returncode == 2
+    assert "CUDA is not available" in done.stderr and "--device cpu --dry-run" in done.stderr
+
+
+def test_bench_gpu_refuses_cpu_timings_without_dry_run():
+    done = run_script("benchmarks/bench_gpu.py", "--device", "cpu", timeout=60)
+    assert done.returncode == 2 and "add --dry-run" in done.stderr
+
+
+def test_bench_gpu_dry_run_on_cpu_runs_every_loop(tmp_path):
+    out = tmp_path / "gpu.md"
+    done = run_script("benchmarks/bench_gpu.py", "--device", "cpu", "--dry-run", "--batch-sizes", "2", "4",
+                      "--steps", "1", "--bare-workers", "0", "--variants", "bf16", "bf16+channels_last",
+                      "--markdown-out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "img/s" not in line]
+    loops = {(r.split("|")[1].strip(), r.split("|")[2].strip(), r.split("|")[3].strip()) for r in rows}
+    for batch in ("2", "4"):
+        assert ("bare (pytorch/examples)", "fp32, 0 workers", batch) in loops
+        assert ("preloaded (hand-written)", "bf16", batch) in loops
+        assert ("trainer", "bf16", batch) in loops and ("trainer", "bf16+channels_last", batch) in loops
+    assert all(float(r.split("|")[4]) > 0 for r in rows)  # img/s
