@@ -140,15 +140,37 @@ def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Pa
     real, real_labels = load_split(data_dir, "test")
     protocol = score_protocol(params.evaluate, evaluator=folder_hash(classifier_dir),
                               dataset_version=dataset_version(data_dir), image_size=model.image_size)
+    kind = FAMILIES.get(params.model(name).family).kind
     with staged_dir(out_dir) as tmp:
-        metrics = evaluate_model(model, classifier, real, params.evaluate, grid_path=tmp / "grid.png",
-                                 kind=FAMILIES.get(params.model(name).family).kind)
+        metrics = evaluate_model(model, classifier, real, params.evaluate, grid_path=tmp / "grid.png", kind=kind)
+        metrics.update(live_weight_scores(model, Path(model_dir), classifier, real, params, kind))
         write_json(metrics, tmp / "metrics.json")
         write_pictures(model, real, real_labels, read_manifest(data_dir)["classes"], tmp / "pictures",
                        seed=params.evaluate.seed)
         write_json(protocol, tmp / PROTOCOL_FILE)  # what these scores can be compared with
     print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
+
+
+def live_weight_scores(model, model_dir: Path, classifier, real, params: Params, kind: str) -> dict:
+    """The gating metric of the live (not averaged) weights, `<metric>_live`, for a model trained with
+    an EMA: what the average bought. The model is left holding the EMA weights it came with."""
+    from safetensors.torch import load_file
+
+    from components.evaluation.evaluate import evaluate_model
+
+    live_path = model_dir / "live.safetensors"
+    if not live_path.is_file():
+        return {}
+    metric = params.registry.gating_metric
+    averaged = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(load_file(str(live_path)))
+    try:
+        cfg = params.evaluate.model_copy(update={"metrics": [metric]})
+        scores = evaluate_model(model, classifier, real, cfg, kind=kind)
+    finally:
+        model.load_state_dict(averaged)
+    return {f"{metric}_live": scores[metric]}
 
 
 def rescore_registered(model_uri: str, metric: str, protocol: dict, data_dir: Path, classifier_dir: Path) -> float:

@@ -2,6 +2,7 @@
 statistics from the live model, the EMA in the model after fit and the live weights beside it."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -114,7 +115,7 @@ def test_ema_of_a_model_without_ema_modules_is_refused():
         EMA(NoAveragedParts(), 0.9)
 
 
-def test_the_train_stage_saves_live_weights_beside_the_ema_and_logs_the_sentinel(stage, monkeypatch):
+def test_the_train_stage_saves_live_weights_beside_the_ema_and_the_evaluate_stage_scores_both(stage, monkeypatch):
     """train_stage wiring: live.safetensors when ema_decay > 0; the evaluator classifier (from its own
     stage) judging a generate-kind model's samples every tracking.sentinel_every steps."""
     import contextlib
@@ -152,3 +153,15 @@ def test_the_train_stage_saves_live_weights_beside_the_ema_and_logs_the_sentinel
     model, live = (load_file(str(tmp_path / "models" / "vae" / f"{name}.safetensors")) for name in ("model", "live"))
     assert model.keys() == live.keys()
     assert any(not torch.equal(model[k], live[k]) for k in model)
+
+    # The evaluate stage scores both: the EMA weights as the model, the live ones as <metric>_live.
+    from components.pipeline import evaluate_stage
+
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={
+        "num_samples": 8, "kid_subset_size": 4, "grid_size": 4})})
+    metrics = evaluate_stage(params, "vae", tmp_path / "dataset", tmp_path / "classifier", tmp_path / "models" / "vae",
+                             tmp_path / "eval" / "vae")
+    assert {"fid", "fid_live"} <= set(metrics)
+    assert metrics["fid"] != metrics["fid_live"]
+    stored = json.loads((tmp_path / "eval" / "vae" / "metrics.json").read_text())
+    assert stored["fid_live"] == metrics["fid_live"]
