@@ -160,6 +160,31 @@ def read_params_raw(path: str | os.PathLike = PARAMS_FILE) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
+def apply_profile(raw: Any, profile: str | os.PathLike) -> Any:
+    """Merge a profile (a partial params file, e.g. profiles/zoo.yaml adding models to `train`) into a
+    raw params mapping, in place: mappings merge key by key, any other value replaces."""
+    path = Path(profile)
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        raise ConfigError(f"--profile {path.stem}: no {path}; profiles here: {known or 'none'}")
+    overlay = read_params_raw(path)
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{path}: must be a mapping of params sections, got {type(overlay).__name__}")
+
+    def merge(node, extra, where: str) -> None:
+        for key, value in extra.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                merge(node[key], value, f"{where}{key}.")
+            elif key not in node and not where.startswith("train."):
+                raise ConfigError(f"{path}: {where}{key}: unknown key; a profile may add models to train, "
+                                  f"otherwise only change keys {PARAMS_FILE} has")
+            else:
+                node[key] = value
+
+    merge(raw, overlay, "")
+    return raw
+
+
 def apply_overrides(raw: Any, overrides: list[str]) -> Any:
     """Apply `a.b.c=value` overrides (values parsed as YAML) to a raw params mapping, in place."""
     for item in overrides:

@@ -15,15 +15,20 @@ class UsageError(ValueError):
     """A request the user can fix; printed without a traceback."""
 
 
-def _params(overrides: list[str] | None = None, write: bool = False):
-    from components.config import apply_overrides, read_params_raw, write_params_raw
+PROFILES = Path("profiles")  # partial params files: `--profile zoo` merges profiles/zoo.yaml
+
+
+def _params(overrides: list[str] | None = None, write: bool = False, profile: str | None = None):
+    from components.config import apply_overrides, apply_profile, read_params_raw, write_params_raw
     from components.params import parse_params
 
     raw = read_params_raw()
+    if profile:
+        apply_profile(raw, PROFILES / f"{profile}.yaml")
     if overrides:
         apply_overrides(raw, overrides)
     params = parse_params(raw)  # validate before anything is written
-    if overrides and write:
+    if (overrides or profile) and write:
         write_params_raw(raw)
     return params
 
@@ -74,15 +79,16 @@ def cmd_retrain(args) -> int:
 
     with retrain_lock(args.wait):  # one retrain per workspace, from the params write to the last registration
         original = Path(PARAMS_FILE).read_text()
-        _params(args.set, write=True)  # overrides go to params.yaml, so DVC records what actually ran
+        _params(args.set, write=True, profile=args.profile)  # to params.yaml: DVC records what actually ran
         from flows.retrain import RetrainFailed, retrain
 
         try:
             result = retrain()
         except BaseException as exc:
-            if args.set:  # a failed run must not leave its overrides behind for the next scheduled run
+            if args.set or args.profile:  # a failed run must not leave its overrides behind for the next scheduled run
                 Path(PARAMS_FILE).write_text(original)
-                print(f"genpipe: retrain failed; {PARAMS_FILE} restored without --set {' '.join(args.set)}",
+                changes = [f"--set {item}" for item in args.set] + ([f"--profile {args.profile}"] if args.profile else [])
+                print(f"genpipe: retrain failed; {PARAMS_FILE} restored without {' '.join(changes)}",
                       file=sys.stderr)
             if not isinstance(exc, RetrainFailed):
                 raise
@@ -102,7 +108,7 @@ def _print_result(result) -> None:
 def cmd_params(args) -> None:
     import json
 
-    params = _params(args.set)
+    params = _params(args.set, profile=args.profile)
     print(json.dumps(params.model_dump(mode="json"), indent=2))
 
 
@@ -264,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, func, text)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a parameter, e.g. train.dcgan.epochs=1 (retrain writes it to params.yaml)")
+        p.add_argument("--profile", metavar="NAME",
+                       help="merge profiles/NAME.yaml first, e.g. `zoo` adds every family (retrain writes it to params.yaml)")
         if name == "retrain":
             p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                            help="when another retrain holds this workspace, wait this long for it (default: exit)")

@@ -1,6 +1,7 @@
 """The genpipe command as a user meets it: config errors at start, and the UI server."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from components.models import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
 GENPIPE = [sys.executable, "-m", "flows.cli"]
@@ -48,6 +51,23 @@ def test_params_override_is_validated_and_printed(project):
     result = run_cli(["params", "--set", "train.dcgan.epochs=7"], project, GENPIPE_HOME=str(project / ".genpipe"))
     assert result.returncode == 0, result.stderr
     assert '"epochs": 7' in result.stdout
+
+
+def test_the_zoo_profile_adds_every_family_and_a_bad_profile_is_named(project):
+    shutil.copytree(REPO / "profiles", project / "profiles")
+    result = run_cli(["params", "--profile", "zoo"], project, GENPIPE_HOME=str(project / ".genpipe"))
+    assert result.returncode == 0, result.stderr
+    train = json.loads(result.stdout)["train"]
+    assert {cfg["family"] for cfg in train.values()} == set(FAMILIES.names())
+
+    result = run_cli(["params", "--profile", "everything"], project, GENPIPE_HOME=str(project / ".genpipe"))
+    assert result.returncode == 2
+    assert "--profile everything: no profiles/everything.yaml; profiles here: ['zoo']" in result.stderr
+
+    (project / "profiles" / "typo.yaml").write_text("evalute:\n  seed: 1\n")
+    result = run_cli(["params", "--profile", "typo"], project, GENPIPE_HOME=str(project / ".genpipe"))
+    assert result.returncode == 2
+    assert "typo.yaml: evalute: unknown key" in result.stderr
 
 
 def _free_port() -> int:
