@@ -80,11 +80,16 @@ def load_classifier(classifier_dir: Path):
 def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metrics_path: Path,
                 classifier_dir: Path | None = None) -> dict:
     """Train train.<name>; with classifier_dir (the evaluator), a generate-kind model's samples are
-    watched for mode collapse every tracking.sentinel_every steps."""
+    watched for mode collapse every tracking.sentinel_every steps. Under torchrun (WORLD_SIZE > 1)
+    each process trains on its slice of every global batch; rank 0 alone logs, checkpoints and
+    writes the outputs, and the others wait for it (components.training.distributed)."""
+    from contextlib import nullcontext
+
     from components.models import FAMILIES, build_model
     from components.tracking.model_files import save_trained_model
     from components.tracking.runs import training_run
     from components.training.checkpoint import save_state
+    from components.training.distributed import nothing_to_monitor, process_group
     from components.training.trainer import Trainer
 
     cfg = params.model(name)
@@ -97,33 +102,42 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
     tags = {"genpipe.stage": f"train@{name}", "dataset_version": data_version,  # model.json's name and value
             "genpipe.model_params_hash": config_hash(cfg), "genpipe.family": cfg.family}
     checkpoint = checkpoint_path(registered_name)
-    monitor = None
-    if classifier_dir is not None and FAMILIES.get(cfg.family).kind == "generate":
-        from components.training.sentinel import class_histogram_sentinel
+    with process_group(device()) as workers:  # a plain run: one worker, no process group
+        tags["genpipe.processes"] = str(workers.world_size)
+        monitor = None
+        if classifier_dir is not None and FAMILIES.get(cfg.family).kind == "generate":
+            from components.training.sentinel import class_histogram_sentinel
 
-        monitor = class_histogram_sentinel(load_classifier(classifier_dir), len(classes))
-    with training_run(registered_name, run_name=f"train-{name}", params=cfg.model_dump(), tags=tags) as log_metrics:
-        trainer = Trainer(model, cfg, name=name, log_every=params.tracking.log_every,
-                          checkpoint_every=params.tracking.checkpoint_every,
-                          checkpoint_path=checkpoint,
-                          resume_key=f"{data_version}-{source_hash('models', 'training')}", log_fn=log_metrics,
-                          device=device(), divergence=params.divergence, monitor_fn=monitor,
-                          sentinel_every=params.tracking.sentinel_every)
-        metrics = trainer.fit(images, labels)  # the model now holds the EMA weights (when ema_decay > 0)
-        spec = {"family": cfg.family, "config": cfg.model_dump(mode="json"), "channels": channels,
-                "num_classes": len(classes), "classes": classes, "dataset": params.data.name,
-                "dataset_version": data_version, "steps": trainer.step}
-        with staged_dir(out_dir) as tmp:
-            save_trained_model(model, spec, tmp)
-            if cfg.ema_decay > 0:  # the weights before averaging, to measure what the EMA gains
-                save_state(trainer.live_state_dict(), tmp / "live.safetensors")
-            write_json({"run_id": log_metrics.run_id, "experiment": registered_name}, tmp / "run.json")
-    write_json(metrics, Path(metrics_path))
-    # The outputs are in place: the checkpoint has done its job. Its resume key covers the data and
-    # the models/training code only, while DVC also reruns this stage for other changes (pipeline,
-    # packing, config code); a finished checkpoint kept here would then be returned as the result.
-    # Only a kill between the final checkpoint and the outputs reuses it.
-    checkpoint.unlink(missing_ok=True)
+            monitor = (class_histogram_sentinel(load_classifier(classifier_dir), len(classes)) if workers.is_main
+                       else nothing_to_monitor)
+        run = (training_run(registered_name, run_name=f"train-{name}", params=cfg.model_dump(), tags=tags)
+               if workers.is_main else nullcontext())
+        with run as log_metrics:
+            trainer = Trainer(model, cfg, name=name, log_every=params.tracking.log_every,
+                              checkpoint_every=params.tracking.checkpoint_every,
+                              checkpoint_path=checkpoint,
+                              resume_key=f"{data_version}-{source_hash('models', 'training')}", log_fn=log_metrics,
+                              device=workers.device, divergence=params.divergence, monitor_fn=monitor,
+                              sentinel_every=params.tracking.sentinel_every, progress=workers.is_main,
+                              workers=workers)
+            metrics = trainer.fit(images, labels)  # the model now holds the EMA weights (when ema_decay > 0)
+            if workers.is_main:
+                spec = {"family": cfg.family, "config": cfg.model_dump(mode="json"), "channels": channels,
+                        "num_classes": len(classes), "classes": classes, "dataset": params.data.name,
+                        "dataset_version": data_version, "steps": trainer.step}
+                with staged_dir(out_dir) as tmp:
+                    save_trained_model(model, spec, tmp)
+                    if cfg.ema_decay > 0:  # the weights before averaging, to measure what the EMA gains
+                        save_state(trainer.live_state_dict(), tmp / "live.safetensors")
+                    write_json({"run_id": log_metrics.run_id, "experiment": registered_name}, tmp / "run.json")
+        if workers.is_main:
+            write_json(metrics, Path(metrics_path))
+            # The outputs are in place: the checkpoint has done its job. Its resume key covers the data and
+            # the models/training code only, while DVC also reruns this stage for other changes (pipeline,
+            # packing, config code); a finished checkpoint kept here would then be returned as the result.
+            # Only a kill between the final checkpoint and the outputs reuses it.
+            checkpoint.unlink(missing_ok=True)
+        workers.barrier()  # the other ranks end once rank 0 has written the outputs
     return metrics
 
 

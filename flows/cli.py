@@ -57,12 +57,28 @@ def cmd_classifier(args) -> None:
 
 def cmd_train(args) -> None:
     from components.pipeline import train_stage
+    from components.training.distributed import is_main_process, launch_env, torchrun_command
 
+    world_size = launch_env()[0]
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc}: the number of training processes must be at least 1")
+    if args.nproc > 1 and world_size == 1:  # relaunch this command as nproc processes; torchrun takes over
+        # Without --nproc: the processes read WORLD_SIZE (and torchrun would take --nproc for its own option).
+        argv = ["train", args.model, "--data", str(args.data), "--classifier", str(args.classifier),
+                "--out", str(args.out), "--metrics", str(args.metrics)]
+        command = torchrun_command(args.nproc, "flows.cli", argv)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(command[0], command)
+    if args.nproc > 1 and world_size != args.nproc:
+        raise UsageError(f"--nproc {args.nproc}: torchrun started {world_size} processes (WORLD_SIZE); "
+                         f"pass the same number, or leave --nproc out under torchrun")
     # The training run buffers its metrics through an MLflow outage and retries them itself;
     # MLflow's own retries (7, backing off up to 2 min) would stall the training loop instead.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    _sweep(args.out, args.metrics)
+    if is_main_process():  # rank 0 alone touches the outputs
+        _sweep(args.out, args.metrics)
     train_stage(_params(), args.model, args.data, args.out, args.metrics, classifier_dir=args.classifier)
 
 
@@ -259,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the evaluator classifier, for the mode-collapse sentinel of generate-kind models")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--metrics", type=Path, required=True)
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train in N processes under torchrun (one per GPU, or CPU processes with gloo); "
+                        "train.<name>.batch_size stays the global batch. Started by torchrun itself, "
+                        "the stage reads WORLD_SIZE instead")
     p = add("evaluate", cmd_evaluate, "score one trained model and draw its grid (stage 'evaluate@NAME')")
     p.add_argument("model")
     p.add_argument("--data", type=Path, required=True)

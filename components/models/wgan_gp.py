@@ -47,6 +47,7 @@ class WGANGPConfig(TrainConfig):
 
 class WGANGP(GenerativeModel):
     ema_modules = ("generator",)
+    allreduce_modules = ("critic",)  # the penalty's autograd.grad(create_graph=True) is not DDP-safe
 
     def __init__(self, cfg: WGANGPConfig, channels: int):
         super().__init__()

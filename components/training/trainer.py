@@ -20,6 +20,7 @@ from components.images import to_model_input
 from components.models.base import GenerativeModel
 from components.training.checkpoint import (global_rng_state, load_checkpoint, move_aside, save_checkpoint,
                                             set_global_rng_state)
+from components.training.distributed import Workers, parallel_hooks
 from components.training.divergence import Divergence, FiniteWatch
 from components.training.ema import EMA
 
@@ -57,7 +58,8 @@ class Trainer:
     config that the checkpoint's key compares. `divergence` None allows no rollback: the first
     non-finite value fails the training. `monitor_fn(model) -> values` is called every
     sentinel_every steps on the model in eval mode (holding the EMA weights when there is an EMA)
-    and its values are logged.
+    and its values are logged. `workers` (from distributed.process_group) trains as one of several
+    processes, each on its slice of every global batch (components.training.distributed).
 
     Finiteness is checked without a host sync per step: each phase's loss and largest gradient stay
     on the device until the next log, sentinel or checkpoint step (and the end), where the first
@@ -72,7 +74,7 @@ class Trainer:
                  checkpoint_path: Path | None = None, resume_key: str = "", log_fn: LogFn | None = None,
                  device: torch.device | str = "cpu", progress: bool = True,
                  divergence: DivergenceConfig | None = None, monitor_fn: MonitorFn | None = None,
-                 sentinel_every: int | None = None):
+                 sentinel_every: int | None = None, workers: Workers | None = None):
         self.device = torch.device(device)
         self.model, self.cfg, self.name = model.to(self.device), cfg, name or cfg.family
         if cfg.channels_last:
@@ -82,6 +84,8 @@ class Trainer:
             # generator-driven noise and phase order, stays eager, and the state_dict keys stay as they are.
             for child in model.children():
                 child.compile()
+        self.parallel = parallel_hooks(model, workers)  # in one process: hooks that do nothing
+        self._offset, self._local_batch = self.parallel.local_batch(cfg.batch_size, self.name)
         self.optimizers = model.optimizers()
         self._phase_params = {k: [p for g in opt.param_groups for p in g["params"]] for k, opt in self.optimizers.items()}
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
@@ -126,6 +130,7 @@ class Trainer:
         self.noise.set_state(state["rng"]["noise"])
         self.step, self.last = int(state["step"]), {k: float(v) for k, v in state["last"].items()}
         self.rollbacks, self.lr_scale = int(state["rollbacks"]), float(state["lr_scale"])
+        self._reseed_rank_noise()
 
     def _non_finite_state(self, state: dict) -> list[str]:
         return non_finite({k: state[k] for k in ("model", "ema", "optimizers")})
@@ -156,9 +161,10 @@ class Trainer:
                 self._load(fresh)  # a half-loaded model would be neither the checkpoint nor a fresh start
                 raise
         except Exception as exc:  # truncated, not a checkpoint, or not this model's: keep it for a post-mortem
-            aside = move_aside(path)
-            warnings.warn(f"checkpoint {path} is unusable ({type(exc).__name__}: {exc}); "
-                          f"moved it to {aside.name} and starting fresh", stacklevel=3)
+            if self.parallel.is_main:  # the other ranks read the same file and come to the same verdict
+                aside = move_aside(path)
+                warnings.warn(f"checkpoint {path} is unusable ({type(exc).__name__}: {exc}); "
+                              f"moved it to {aside.name} and starting fresh", stacklevel=3)
             return
         self._good = path
         if self.step < total_steps:
@@ -168,9 +174,12 @@ class Trainer:
         """Save the state as the last good one: to the checkpoint path, else a copy in memory."""
         if self.checkpoint_path is None:
             self._good = copy.deepcopy(self._state())
-            return
-        save_checkpoint(self._state(), self.checkpoint_path)
-        self._good = self.checkpoint_path
+        else:
+            if self.parallel.is_main:
+                save_checkpoint(self._state(), self.checkpoint_path)
+            self.parallel.barrier()  # the file is complete before any rank can roll back to it
+            self._good = self.checkpoint_path
+        self._reseed_rank_noise()
 
     def _restore_good_state(self) -> None:
         good = self._good
@@ -185,27 +194,35 @@ class Trainer:
         random.seed(stream_seed(seed, "python"))
         self.noise.manual_seed(stream_seed(seed, "noise"))
 
+    def _reseed_rank_noise(self) -> None:
+        """Under torchrun, each rank's noise is a function of (seed, rank, step) from every point
+        training can restart at (start, kept or restored good state): no per-rank state to save."""
+        if self.parallel.world_size > 1:
+            self.noise.manual_seed(stream_seed(self.cfg.seed, f"noise/{self.parallel.rank}/{self.step}"))
+
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
         """One batch: every phase of the model, then the EMA. No host sync."""
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
                     else contextlib.nullcontext())
-        phases = self.model.training_losses(x, y, self.noise)
-        while True:
-            # Only the forward passes run under autocast (weights stay fp32); bf16 has fp32's exponent
-            # range, so no gradient scaling is needed.
-            with autocast:
-                item = next(phases, None)
-            if item is None:
-                break
-            phase, out = item
-            opt = self.optimizers[phase]
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self._watch.add(self.step + 1, phase, out.loss,
-                            [p.grad for p in self._phase_params[phase] if p.grad is not None])
-            opt.step()
-            for k, v in out.logs.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
+        with self.parallel.wrapped():  # under torchrun: the DDP wrappers in the model
+            phases = self.model.training_losses(x, y, self.noise)
+            while True:
+                # Only the forward passes run under autocast (weights stay fp32); bf16 has fp32's exponent
+                # range, so no gradient scaling is needed.
+                with autocast:
+                    item = next(phases, None)
+                if item is None:
+                    break
+                phase, out = item
+                opt = self.optimizers[phase]
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                self.parallel.sync_gradients(self._phase_params[phase])
+                self._watch.add(self.step + 1, phase, out.loss,
+                                [p.grad for p in self._phase_params[phase] if p.grad is not None])
+                opt.step()
+                for k, v in out.logs.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
         if self.ema is not None:
             self.ema.update(self.step)
 
@@ -226,6 +243,8 @@ class Trainer:
         self.step, self.rollbacks, self.lr_scale, self.last, self._live = 0, 0, 1.0, {}, None
         self._good = None
         self._try_resume(total)
+        self.parallel.check_same_start(self.step)
+        self._reseed_rank_noise()
         if self.step == total:
             print(f"checkpoint {self.checkpoint_path} holds the finished training; not training again")
             if self.log_fn is not None and self.last:
@@ -244,14 +263,15 @@ class Trainer:
             epoch, i = divmod(self.step, steps_per_epoch)
             if epoch != order_epoch:
                 order_epoch, order = epoch, epoch_order(cfg.seed, epoch, images.shape[0]).to(self.device)
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            start = i * cfg.batch_size + self._offset  # this process's slice of the global batch
+            idx = order[start:start + self._local_batch]
             x = to_model_input(images[idx], cfg.image_size, self.device)  # (B, C, size, size) in [-1, 1]
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             self._train_step(x, labels[idx], sums)
             self.step += 1
             window_steps += 1
-            window_images += x.shape[0]
+            window_images += x.shape[0] * self.parallel.world_size
             bar.update(1)
             log_now = bool(self.log_every and self.step % self.log_every == 0) or self.step == total
             checkpoint_now = bool(self.checkpoint_every and self.step % self.checkpoint_every == 0) or self.step == total
@@ -266,7 +286,7 @@ class Trainer:
                 sums, window_steps, window_images, window_start = {}, 0, 0, time.perf_counter()
                 continue
             if log_now:
-                self.last = {k: float(v) / window_steps for k, v in sums.items()}
+                self.last = {k: float(v) / window_steps for k, v in self.parallel.average_logs(sums).items()}
                 self.last["images_per_sec"] = window_images / (time.perf_counter() - window_start)
                 self.last["epoch"] = epoch + (i + 1) / steps_per_epoch
                 sums, window_steps, window_start, window_images = {}, 0, time.perf_counter(), 0
@@ -290,6 +310,9 @@ class Trainer:
             bad = self._non_finite_state(self._state())
             if bad:
                 problem = Divergence(self.step, "", _some(bad), float("nan"))
+        problem = self.parallel.first_problem(problem)  # under torchrun: the earliest of any rank
+        if problem is None and scan_weights:
+            self.parallel.check_same_weights(self.step)
         return problem
 
     def _log(self, values: dict[str, float]) -> None:
