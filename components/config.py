@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationInfo, field_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -109,7 +109,7 @@ class RegistryConfig(Frozen):
 class Params(Frozen):
     data: DataConfig
     classifier: ClassifierConfig
-    train: dict[str, TrainConfig]
+    train: dict[str, SerializeAsAny[TrainConfig]]  # dumped with each family's own fields
     tracking: TrackingConfig
     divergence: DivergenceConfig
     evaluate: EvaluateConfig

@@ -33,12 +33,14 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def source_hash(*packages: str) -> str:
-    """Hash of the Python sources of components packages: a checkpoint resumes only on the same code."""
+def source_hash(*parts: str) -> str:
+    """Hash of the Python sources of components packages and modules (e.g. "models", "images.py"):
+    a checkpoint resumes only on the same code."""
     root = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
+    for part in parts:
+        files = [root / part] if part.endswith(".py") else sorted((root / part).rglob("*.py"))
+        for path in files:
             digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -112,11 +114,12 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
                        else nothing_to_monitor)
         run = (training_run(registered_name, run_name=f"train-{name}", params=cfg.model_dump(), tags=tags)
                if workers.is_main else nullcontext())
+        # A checkpoint resumes only under the same data, training code and rollback rule.
+        resume_key = f"{data_version}-{source_hash('models', 'training', 'images.py')}-{config_hash(params.divergence)}"
         with run as log_metrics:
             trainer = Trainer(model, cfg, name=name, log_every=params.tracking.log_every,
                               checkpoint_every=params.tracking.checkpoint_every,
-                              checkpoint_path=checkpoint,
-                              resume_key=f"{data_version}-{source_hash('models', 'training')}", log_fn=log_metrics,
+                              checkpoint_path=checkpoint, resume_key=resume_key, log_fn=log_metrics,
                               device=workers.device, divergence=params.divergence, monitor_fn=monitor,
                               sentinel_every=params.tracking.sentinel_every, progress=workers.is_main,
                               workers=workers)

@@ -24,3 +24,18 @@ def model_fields(family: str, **overrides) -> dict:
 
 def model_config(family: str, **overrides):
     return FAMILIES.get(family).config.model_validate(model_fields(family, **overrides))
+
+
+WIDTH_FIELDS = ("width", "ngf", "ndf", "text_dim")
+
+
+def shrink_every_model(params_file, batch_size: int, width: int) -> list[str]:
+    """`--set` overrides that make every model of a params file tiny: one epoch, `batch_size`, every
+    width field `width`. A model added to params.yaml is then small in every pipeline test too."""
+    from components.config import read_params_raw
+
+    overrides = []
+    for name, section in read_params_raw(params_file)["train"].items():
+        overrides += [f"train.{name}.epochs=1", f"train.{name}.batch_size={batch_size}"]
+        overrides += [f"train.{name}.{field}={width}" for field in WIDTH_FIELDS if field in section]
+    return overrides

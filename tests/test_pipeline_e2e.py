@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 
 from components.config import apply_overrides, read_params_raw, write_params_raw
+from model_configs import shrink_every_model
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 TINY = [
     "data.limit_per_split=160",
     "classifier.epochs=1", "classifier.batch_size=32",
-    "train.vae.epochs=1", "train.vae.batch_size=32",
-    "train.dcgan.epochs=1", "train.dcgan.batch_size=32",
+    *shrink_every_model(REPO / "params.yaml", batch_size=32, width=16),
     "tracking.log_every=2", "tracking.checkpoint_every=3",
-    "train.dcgan.ngf=16", "train.dcgan.ndf=16",
     "evaluate.num_samples=100", "evaluate.kid_subset_size=50", "evaluate.grid_size=16",
 ]
 
@@ -90,9 +89,10 @@ def by_name(result) -> dict:
 def test_first_run_trains_evaluates_registers_and_pushes(workspace, client):
     result = run_retrain()
 
-    assert set(result.stages_run) == {"ingest", "classifier", "train@vae", "train@dcgan", "evaluate@vae", "evaluate@dcgan"}
+    models = ["vae", "dcgan", "cgan"]  # the default run: a VAE, an unconditional and a conditional GAN
+    assert set(result.stages_run) == {"ingest", "classifier", *(f"{stage}@{m}" for m in models for stage in ("train", "evaluate"))}
     assert result.stages_run.index("ingest") < result.stages_run.index("train@vae") < result.stages_run.index("evaluate@vae")
-    for name in ["fashion-mnist-vae", "fashion-mnist-dcgan"]:
+    for name in [f"fashion-mnist-{m}" for m in models]:
         champion = client.get_model_version_by_alias(name, "champion")
         assert str(champion.version) == "1"
         for tag in ["dataset_version", "model_md5", "params_hash", "git_commit", "training_run_id",
@@ -114,6 +114,12 @@ def test_first_run_trains_evaluates_registers_and_pushes(workspace, client):
     assert images.shape == (5, 1, 28, 28) and str(images.dtype) == "uint8"
     again = mlflow.pyfunc.load_model("models:/fashion-mnist-dcgan@champion").predict({"count": 5, "seed": 3})
     assert (images == again).all(), "same seed must give the same images"
+
+    cgan = mlflow.pyfunc.load_model("models:/fashion-mnist-cgan@champion")
+    assert cgan.predict({"labels": [7, 7, 9], "seed": 0}).shape == (3, 1, 28, 28)
+    assert cgan.predict({"prompt": "ankle boot", "count": 4, "seed": 0}).shape == (4, 1, 28, 28)
+    with pytest.raises(Exception, match="prompt:.*names no class this model knows; name one of"):
+        cgan.predict({"prompt": "a bicycle", "count": 2})
 
 
 def test_metrics_files_match_what_mlflow_holds(workspace, client):
@@ -199,7 +205,7 @@ def test_changing_one_models_params_retrains_only_that_model(workspace, client):
     result = run_retrain()
     assert sorted(result.stages_run) == ["evaluate@vae", "train@vae"]
     regs = by_name(result)
-    assert regs["fashion-mnist-dcgan"].decision == "unchanged"
+    assert regs["fashion-mnist-dcgan"].decision == regs["fashion-mnist-cgan"].decision == "unchanged"
     vae = regs["fashion-mnist-vae"]
     assert vae.version == "2" and vae.decision in {"promoted", "kept"}
     v2 = client.get_model_version("fashion-mnist-vae", "2")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from components.config import apply_overrides, read_params_raw, write_params_raw
+from model_configs import shrink_every_model
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"components", "flows"}  # what pyproject installs: the code a stage can import from here
@@ -21,8 +22,7 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 TINY = [
     "data.limit_per_split=64",
     "classifier.epochs=1", "classifier.batch_size=32",
-    "train.vae.epochs=1", "train.vae.batch_size=32",
-    "train.dcgan.epochs=1", "train.dcgan.batch_size=32", "train.dcgan.ngf=8", "train.dcgan.ndf=8",
+    *shrink_every_model(REPO / "params.yaml", batch_size=32, width=8),
     "evaluate.num_samples=32", "evaluate.kid_subset_size=16", "evaluate.grid_size=4",
 ]
 # Runs one stage command through the CLI, then records which of genpipe's modules it imported.

@@ -100,21 +100,6 @@ class CGAN(GenerativeModel):
         loss_g = -self.discriminator(fake, y).mean()
         yield "generator", StepOutput(loss_g, {"loss_g": loss_g})
 
-    def check_labels(self, labels, n: int) -> torch.Tensor:
-        """Class ids (n,) as int64 on the model's device; None → classes in turn, 0, 1, …, 0, 1, …"""
-        device = next(self.parameters()).device
-        if labels is None:
-            return torch.arange(n, device=device) % self.num_classes
-        labels = torch.as_tensor(labels)
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (n,):
-            raise ValueError(f"labels: expected {n} integer class ids, one per image, "
-                             f"got dtype {labels.dtype} and shape {tuple(labels.shape)}")
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if bad.numel():
-            raise ValueError(f"labels: class ids must be in 0..{self.num_classes - 1} "
-                             f"({', '.join(self.classes)}), got {sorted(set(bad.tolist()))}")
-        return labels.to(device=device, dtype=torch.long)
-
     def prompt_tokens(self, prompts: list[str], n: int) -> torch.Tensor:
         """Prompts (n strings, each naming one class) → tokens (n, L) on the model's device."""
         if isinstance(prompts, str) or len(prompts) != n:

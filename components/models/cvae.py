@@ -13,6 +13,7 @@ from torch import nn
 from components.config import TrainConfig
 from components.models.base import FAMILIES, Family, GenerativeModel, StepOutput, adam
 from components.models.blocks import DownStack, UpStack, feature_dim
+from components.models.vae import elbo_loss
 
 
 class CVAEConfig(TrainConfig):
@@ -52,21 +53,6 @@ class CVAE(GenerativeModel):
     def _onehot(self, labels: torch.Tensor) -> torch.Tensor:
         return F.one_hot(labels, self.num_classes).float()  # (N, num_classes)
 
-    def check_labels(self, labels, n: int) -> torch.Tensor:
-        """Class ids (n,) as int64 on the model's device; None → classes in turn, 0, 1, …, 0, 1, …"""
-        device = next(self.parameters()).device
-        if labels is None:
-            return torch.arange(n, device=device) % self.num_classes
-        labels = torch.as_tensor(labels)
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (n,):
-            raise ValueError(f"labels: expected {n} integer class ids, one per image, "
-                             f"got dtype {labels.dtype} and shape {tuple(labels.shape)}")
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if bad.numel():
-            raise ValueError(f"labels: class ids must be in 0..{self.num_classes - 1} "
-                             f"({', '.join(self.classes)}), got {sorted(set(bad.tolist()))}")
-        return labels.to(device=device, dtype=torch.long)
-
     def encode(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [-1, 1] (N, C, H, W) and their class ids (N,) → mean and log-variance, each (N, latent)."""
         return self.encoder(x, self._onehot(self.check_labels(labels, x.shape[0])))
@@ -80,16 +66,9 @@ class CVAE(GenerativeModel):
                         generator: torch.Generator | None = None) -> Iterator[tuple[str, StepOutput]]:
         onehot = self._onehot(y)
         mu, logvar = self.encoder(x, onehot)
-        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-        z = mu + eps * torch.exp(0.5 * logvar)  # reparameterisation trick
-        logits = self.decoder(torch.cat([z, onehot], dim=1))
-        target = (x + 1) / 2  # pixels as Bernoulli probabilities in [0, 1]
-        n = x.shape[0]
-        recon = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n
         # KL(q(z|x,y) || N(0, I)): the prior does not depend on y here, as in Sohn et al.'s baseline CVAE.
-        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / n
-        loss = recon + self.cfg.beta * kld
-        yield "cvae", StepOutput(loss, {"loss": loss, "recon": recon, "kl": kld})
+        decode = lambda z: self.decoder(torch.cat([z, onehot.to(z.dtype)], dim=1))  # noqa: E731
+        yield "cvae", elbo_loss(x, mu, logvar, decode, self.cfg.beta, generator)
 
     # No `reconstruct`: it would need each image's label, which the recon_mse metric does not pass.
 

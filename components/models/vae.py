@@ -19,6 +19,24 @@ class VAEConfig(TrainConfig):
     beta: float = Field(ge=0)
 
 
+def elbo_loss(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, decode, beta: float,
+              generator: torch.Generator | None) -> StepOutput:
+    """The negative ELBO per image with β on the KL term: Bernoulli reconstruction of x in [-1, 1]
+    from z = mu + σ·ε, `decode(z)` giving pixel logits. Computed in fp32 even under bf16 autocast:
+    exp(logvar) and the summed terms lose too much in bf16."""
+    mu, logvar = mu.float(), logvar.float()
+    eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+    z = mu + eps * torch.exp(0.5 * logvar)  # reparameterisation trick
+    logits = decode(z).float()
+    target = (x.float() + 1) / 2  # pixels as Bernoulli probabilities in [0, 1]
+    n = x.shape[0]
+    recon = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n
+    # KL(q(z|x) || N(0, I)) in closed form, Appendix B of Kingma & Welling.
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / n
+    loss = recon + beta * kld
+    return StepOutput(loss, {"loss": loss, "recon": recon, "kl": kld})
+
+
 class VAE(GenerativeModel):
     ema_modules = ("encoder", "decoder")
     gaussian_prior = True  # z ~ N(0, I) decodes to an image: latent traversals apply
@@ -42,16 +60,7 @@ class VAE(GenerativeModel):
     def training_losses(self, x: torch.Tensor, y: torch.Tensor,
                         generator: torch.Generator | None = None) -> Iterator[tuple[str, StepOutput]]:
         mu, logvar = self.encode(x)
-        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-        z = mu + eps * torch.exp(0.5 * logvar)  # reparameterisation trick
-        logits = self.decoder(z)
-        target = (x + 1) / 2  # pixels as Bernoulli probabilities in [0, 1]
-        n = x.shape[0]
-        recon = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n
-        # KL(q(z|x) || N(0, I)) in closed form, Appendix B of Kingma & Welling.
-        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / n
-        loss = recon + self.cfg.beta * kld
-        yield "vae", StepOutput(loss, {"loss": loss, "recon": recon, "kl": kld})
+        yield "vae", elbo_loss(x, mu, logvar, self.decoder, self.cfg.beta, generator)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent codes (N, latent) → images in [-1, 1] (N, C, H, W)."""
