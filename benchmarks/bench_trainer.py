@@ -1,22 +1,33 @@
-"""Benchmark (not a test): our Trainer's img/s beside a bare PyTorch loop of the same model and data.
+"""Benchmark (not a test): our Trainer's img/s per model family beside two loops a user would write.
 
-    .venv/bin/python benchmarks/bench_trainer.py                  # vae then dcgan, 12800 images, 3 repeats
-    .venv/bin/python benchmarks/bench_trainer.py --model dcgan --images 6400 --data synthetic
+    .venv/bin/python benchmarks/bench_trainer.py                          # every registered family
+    .venv/bin/python benchmarks/bench_trainer.py --threads 1 --options params bf16   # on a busy machine
+    .venv/bin/python benchmarks/bench_trainer.py --family dcgan --options params fp32 bf16 bf16+channels_last
+    .venv/bin/python benchmarks/bench_trainer.py --markdown-out benchmarks/results.md
 
-The baseline is the loop pytorch/examples writes (mnist/vae/dcgan): a Dataset that turns each uint8
-image into a PIL image, then ToTensor + Normalize((0.5,), (0.5,)); a DataLoader(batch, shuffle=True,
-num_workers=2, drop_last=True); and a hand-written update that calls the model's submodules directly.
-Ours is Trainer(model, cfg with epochs=1, log_every from params.yaml tracking).fit(uint8 images, labels),
-preloaded in memory.
+Three loops on the same model config, images and number of images, in one process:
+- trainer:   Trainer(model, cfg with epochs=1 and --options, log_every from params.yaml tracking)
+             .fit(uint8 images, labels), preloaded in memory.
+- bare:      the loop pytorch/examples writes (baselines.py): per-sample PIL → ToTensor → Normalize in a
+             DataLoader with 2 workers, plain fp32, loss.item() every batch.
+- preloaded: a hand-written loop over the preloaded uint8 tensor (baselines.py): gather, float
+             conversion, the model's training_losses walked with zero_grad/backward/step; plain fp32.
+Timed, for each: optimizer creation and one epoch over the same N images (drop_last: N // batch * batch),
+N sized per family so that the fastest loop's epoch takes about --seconds (at most --images). The
+bare loop's time includes creating the DataLoader and starting its workers, as a user pays them.
+Not timed: model construction, data loading from disk, one untimed warm-up run of each loop per
+family (lazy init, allocator, the first fork, torch.compile's first compilation). Each run builds a
+fresh model seeded alike. Runs are interleaved (bare, preloaded, trainer per --options, then again)
+--repeats times; img/s is the median, and the ratio's range over repeats is the spread.
 
-Timed, for both: optimizer creation and one epoch over N images (drop_last, so N // batch * batch).
-The baseline's time includes creating the DataLoader and starting its workers, as a user pays them.
-Not timed: model construction and data loading from disk. Each repeat builds fresh models seeded alike.
+The model config of a family is the first train.<name> entry of params.yaml with that family (the one
+named after the family if there is one), otherwise a small built-in one (BUILT_IN below).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import sys
 import time
@@ -24,168 +35,209 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.params import load_params  # noqa: E402
+from baselines import run_bare, run_preloaded  # noqa: E402
+from components.config import TrainConfig  # noqa: E402
 from components.data.sources import SOURCES  # noqa: E402
-from components.models import build_model  # noqa: E402
+from components.models import FAMILIES, build_model  # noqa: E402
+from components.params import load_params  # noqa: E402
 from components.training.trainer import Trainer  # noqa: E402
 
 NUM_CLASSES = 10
 
+# A family's own fields when params.yaml configures no model of it; the fields every family shares
+# come from params.yaml's first model (fp32, no options), so this stays the size of the defaults.
+BUILT_IN: dict[str, dict] = {
+    "vae": {"latent_dim": 8, "width": 32, "beta": 1.0, "lr": 1e-3},
+    "ae": {"latent_dim": 8, "width": 32, "denoise_std": 0.0, "lr": 1e-3},
+    "cvae": {"latent_dim": 8, "width": 32, "beta": 1.0, "lr": 1e-3},
+    "dcgan": {"latent_dim": 64, "ngf": 64, "ndf": 64, "beta1": 0.5, "spectral_norm": False, "lr": 2e-4},
+    "cgan": {"latent_dim": 64, "ngf": 64, "ndf": 64, "beta1": 0.5, "spectral_norm": False, "text_dim": 32,
+             "lr": 2e-4},
+    "wgan_gp": {"latent_dim": 64, "ngf": 64, "ndf": 64, "n_critic": 2, "gp_lambda": 10.0, "beta1": 0.0,
+                "beta2": 0.9, "spectral_norm": False, "lr": 2e-4},
+}
 
-class ImageDataset(Dataset):
-    """Per-sample decoding as torchvision's FashionMNIST.__getitem__ does it."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, image_size: int):
-        self.images, self.labels = images, labels  # uint8 N×C×H×W, int64 N
-        steps = [transforms.ToTensor(), transforms.Normalize((0.5,) * images.shape[1], (0.5,) * images.shape[1])]
-        if images.shape[-1] != image_size:
-            steps.insert(0, transforms.Resize(image_size, antialias=True))
-        self.transform = transforms.Compose(steps)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        img = self.images[i]
-        img = Image.fromarray(img[0], mode="L") if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0))
-        return self.transform(img), int(self.labels[i])
-
-
-def baseline_vae(model, cfg, loader) -> int:
-    """pytorch/examples vae/main.py train(): reconstruction BCE (sum) + KLD, one Adam."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    model.train()
-    seen = train_loss = 0
-    for data, _ in loader:
-        optimizer.zero_grad()
-        mu, logvar = model.encoder(data).chunk(2, dim=1)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        recon = torch.sigmoid(model.decoder(z))
-        bce = F.binary_cross_entropy(recon, (data + 1) / 2, reduction="sum")
-        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-        loss = bce + cfg.beta * kld
-        loss.backward()
-        train_loss += loss.item()
-        optimizer.step()
-        seen += data.shape[0]
-    return seen
+# --options: each a '+'-joined set applied to the trainer's config; "params" keeps params.yaml's.
+OPTIONS: dict[str, dict] = {
+    "params": {},
+    "fp32": {"precision": "fp32"},
+    "bf16": {"precision": "bf16"},
+    "channels_last": {"channels_last": True},
+    "compile": {"compile": True},
+}
 
 
-def baseline_dcgan(model, cfg, loader) -> int:
-    """pytorch/examples dcgan/main.py: D on real and fake.detach(), then G; BCE on D's logits."""
-    netG, netD = model.generator, model.discriminator
-    criterion = nn.BCEWithLogitsLoss()  # examples: Sigmoid + BCELoss; our D ends in logits
-    optimizerD = torch.optim.Adam(netD.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-    optimizerG = torch.optim.Adam(netG.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-    model.train()
-    seen = 0
-    for real, _ in loader:
-        b = real.shape[0]
-        netD.zero_grad()
-        label = torch.full((b, 1), 1.0)
-        output = netD(real)
-        errD_real = criterion(output, label)
-        errD_real.backward()
-        D_x = torch.sigmoid(output).mean().item()
-        fake = netG(torch.randn(b, cfg.latent_dim))
-        label.fill_(0.0)
-        output = netD(fake.detach())
-        errD_fake = criterion(output, label)
-        errD_fake.backward()
-        optimizerD.step()
-        netG.zero_grad()
-        label.fill_(1.0)
-        output = netD(fake)
-        errG = criterion(output, label)
-        errG.backward()
-        optimizerG.step()
-        _ = (D_x, (errD_real + errD_fake).item(), errG.item())  # the examples log these every batch
-        seen += b
-    return seen
+def parse_options(spec: str) -> dict:
+    update: dict = {}
+    for name in spec.split("+"):
+        if name not in OPTIONS:
+            raise SystemExit(f"--options {spec}: unknown option {name!r}; valid: {', '.join(OPTIONS)}, "
+                             f"joined with '+' (e.g. bf16+channels_last)")
+        update.update(OPTIONS[name])
+    return update
 
 
-BASELINES = {"vae": baseline_vae, "dcgan": baseline_dcgan}
+def options_label(cfg: TrainConfig) -> str:
+    used = [cfg.precision] + [name for name in ("channels_last", "compile") if getattr(cfg, name)]
+    return "+".join(used) + (f", ema {cfg.ema_decay:g}" if cfg.ema_decay > 0 else "")
 
 
-def fresh_model(cfg, channels: int):
-    torch.manual_seed(cfg.seed)
-    return build_model(cfg, channels, NUM_CLASSES)
-
-
-def run_baseline(cfg, channels, images: np.ndarray, labels: np.ndarray) -> float:
-    model = fresh_model(cfg, channels)
+def run_trainer(cfg, build, images: torch.Tensor, labels: torch.Tensor, log_every: int) -> float:
+    model = build(cfg)
     start = time.perf_counter()
-    loader = DataLoader(ImageDataset(images, labels, cfg.image_size), batch_size=cfg.batch_size,
-                        shuffle=True, num_workers=2, drop_last=True)
-    seen = BASELINES[cfg.family](model, cfg, loader)
-    return seen / (time.perf_counter() - start)
+    Trainer(model, cfg, log_every=log_every, progress=False).fit(images, labels)
+    return images.shape[0] // cfg.batch_size * cfg.batch_size / (time.perf_counter() - start)
 
 
-def run_trainer(cfg, channels, images: torch.Tensor, labels: torch.Tensor, log_every: int) -> float:
-    model = fresh_model(cfg, channels)
-    start = time.perf_counter()
-    Trainer(model, cfg.model_copy(update={"epochs": 1}), log_every=log_every, progress=False).fit(images, labels)
-    seen = images.shape[0] // cfg.batch_size * cfg.batch_size
-    return seen / (time.perf_counter() - start)
+# --- configs, data, machine ------------------------------------------------------------------------
+
+def family_config(params, family: str) -> tuple[TrainConfig, str]:
+    """(config with epochs=1, where it came from) for one family."""
+    configured = [name for name, cfg in params.train.items() if cfg.family == family]
+    if configured:
+        name = family if family in configured else configured[0]
+        return params.train[name].model_copy(update={"epochs": 1}), f"params.yaml train.{name}"
+    if family not in BUILT_IN:
+        raise SystemExit(f"family {family!r}: no train.<name> with family: {family} in params.yaml and no "
+                         f"BUILT_IN config in {Path(__file__).name}; add one of them")
+    first = next(iter(params.train.values()))
+    family_class = FAMILIES.get(family).config
+    shared = {k: v for k, v in first.model_dump().items() if k in TrainConfig.model_fields}
+    shared.update(family=family, epochs=1, precision="fp32", channels_last=False, compile=False, ema_decay=0.0)
+    cfg = family_class.model_validate({**shared, **BUILT_IN[family]})
+    return cfg, "built-in"
 
 
-def load_images(kind: str, data_cfg, n: int) -> tuple[np.ndarray, np.ndarray]:
+def load_images(kind: str, data_cfg, n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if kind == "fashion-mnist":
-        split = SOURCES.get("fashion-mnist")(data_cfg.model_copy(update={"limit_per_split": n})).splits["train"]
-        return split.images.copy(), split.labels  # the idx reader's arrays are read-only views
+        raw = SOURCES.get("fashion-mnist")(data_cfg.model_copy(update={"limit_per_split": n}))
+        split = raw.splits["train"]
+        return split.images.copy(), split.labels, raw.classes  # the idx reader's arrays are read-only views
     rng = np.random.default_rng(0)
     shape = (n, data_cfg.channels, data_cfg.image_size, data_cfg.image_size)
-    return rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, NUM_CLASSES, n).astype(np.int64)
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    return images, rng.integers(0, NUM_CLASSES, n).astype(np.int64), [f"class {i}" for i in range(NUM_CLASSES)]
 
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine_line(threads: int) -> str:
+    flags = cpu_flags()
+    has = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return (f"{cpu_model()}, {os.cpu_count()} cores, torch threads {threads}, torch {torch.__version__} "
+            f"(cpu capability {torch.backends.cpu.get_cpu_capability()}), "
+            f"bf16 hardware: {', '.join(has) if has else 'none (no avx512_bf16, no amx_bf16)'}")
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}–{max(values):.2f}"
+
+
+# --- main --------------------------------------------------------------------------------------------
 
 def main() -> int:
     params = load_params(ROOT / "params.yaml")
     has_fmnist = Path(params.data.path).is_dir()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["vae", "dcgan"], help="default: both, one after the other")
-    ap.add_argument("--images", type=int, default=12800)
-    ap.add_argument("--batch-size", type=int, help="default: params.yaml train.<model>.batch_size")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each; the median is reported")
+    ap.add_argument("--family", nargs="+", choices=FAMILIES.names(), help="default: every registered family")
+    ap.add_argument("--options", nargs="+", default=["params"],
+                    help=f"trainer variants, each '+'-joined from {', '.join(OPTIONS)} (params: as params.yaml "
+                         f"says); default: params")
+    ap.add_argument("--images", type=int, default=12800, help="at most this many images per epoch (default 12800)")
+    ap.add_argument("--seconds", type=float, default=2.5,
+                    help="size each family's epoch so that its fastest loop takes about this long (default 2.5)")
+    ap.add_argument("--batch-size", type=int, help="default: the config's batch_size")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each loop; the median is reported")
     ap.add_argument("--data", choices=["fashion-mnist", "synthetic"],
                     default="fashion-mnist" if has_fmnist else "synthetic")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--markdown-out", type=Path, help="also write the table (with the machine line) here")
     args = ap.parse_args()
+    variants = [(spec, parse_options(spec)) for spec in args.options]
     torch.set_num_threads(args.threads)
 
-    images, labels = load_images(args.data, params.data, args.images)
+    images, labels, classes = load_images(args.data, params.data, args.images)
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
+    channels = images.shape[1]
+    log_every = params.tracking.log_every
     rows = []
-    for name in [args.model] if args.model else ["vae", "dcgan"]:
-        cfg = params.model(name)
+    for family in args.family or FAMILIES.names():
+        cfg, source = family_config(params, family)
         if args.batch_size:
             cfg = cfg.model_copy(update={"batch_size": args.batch_size})
-        channels = images.shape[1]
-        warm = 4 * cfg.batch_size  # torch's lazy init, the allocator, the DataLoader's first fork
-        run_baseline(cfg, channels, images[:warm], labels[:warm])
-        run_trainer(cfg, channels, images_t[:warm], labels_t[:warm], params.tracking.log_every)
-        base, ours = [], []
-        for r in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-            base.append(run_baseline(cfg, channels, images, labels))
-            ours.append(run_trainer(cfg, channels, images_t, labels_t, params.tracking.log_every))
-            print(f"  {name} repeat {r + 1}: baseline {base[-1]:8.0f} img/s, trainer {ours[-1]:8.0f} img/s",
-                  flush=True)
-        b, o = statistics.median(base), statistics.median(ours)
-        rows.append((name, cfg.batch_size, b, o, o / b))
+        cfg = FAMILIES.get(family).config.model_validate(cfg.model_dump())  # re-checked after the updates
+        trainer_cfgs = [cfg.model_copy(update=update) for _, update in variants]
 
-    print(f"\ndata={args.data} N={len(images)} repeats={args.repeats} (median) threads={torch.get_num_threads()} "
-          f"cpus={os.cpu_count()} torch={torch.__version__} baseline num_workers=2")
-    print(f"{'model':<7}{'batch':>6}{'baseline img/s':>16}{'trainer img/s':>15}{'ratio':>8}")
-    for name, batch, b, o, ratio in rows:
-        print(f"{name:<7}{batch:>6}{b:>16.0f}{o:>15.0f}{ratio:>7.2f}x")
+        def build(c):  # every run's model starts from the same weights (build_model seeds with cfg.seed)
+            return build_model(c, channels, NUM_CLASSES, classes)
+
+        warm = 3 * cfg.batch_size
+        started = time.perf_counter()
+        run_bare(cfg, build, images[:warm], labels[:warm])
+        rates = [run_preloaded(cfg, build, images_t[:warm], labels_t[:warm])]
+        rates += [run_trainer(tcfg, build, images_t[:warm], labels_t[:warm], log_every) for tcfg in trainer_cfgs]
+        steps = max(4, min(len(images) // cfg.batch_size, round(max(rates) * args.seconds / cfg.batch_size)))
+        n = steps * cfg.batch_size
+        print(f"{family} ({source}, batch {cfg.batch_size}): warm-up {time.perf_counter() - started:.1f} s, "
+              f"{n} images per run", flush=True)
+        bare, pre, ours = [], [], [[] for _ in variants]
+        for r in range(args.repeats):  # interleaved, so drift in machine load hits all loops alike
+            bare.append(run_bare(cfg, build, images[:n], labels[:n]))
+            pre.append(run_preloaded(cfg, build, images_t[:n], labels_t[:n]))
+            for k, tcfg in enumerate(trainer_cfgs):
+                ours[k].append(run_trainer(tcfg, build, images_t[:n], labels_t[:n], log_every))
+            print(f"  repeat {r + 1}: bare {bare[-1]:.0f}, preloaded {pre[-1]:.0f}, trainer "
+                  + ", ".join(f"[{spec}] {o[-1]:.0f}" for (spec, _), o in zip(variants, ours)) + " img/s", flush=True)
+        for tcfg, o in zip(trainer_cfgs, ours):
+            rows.append({
+                "family": family, "source": source, "batch": cfg.batch_size, "images": n,
+                "options": options_label(tcfg),
+                "trainer": statistics.median(o), "bare": statistics.median(bare), "pre": statistics.median(pre),
+                "vs_bare": [a / b for a, b in zip(o, bare)], "vs_pre": [a / b for a, b in zip(o, pre)],
+            })
+
+    lines = [
+        f"Machine: {machine_line(torch.get_num_threads())}.",
+        f"Data: {args.data}; one epoch of N images per run; median of {args.repeats} interleaved repeats; "
+        f"ratio = trainer / baseline of the medians (its range over the repeats in brackets).",
+        "",
+        "| family | config | batch | N | trainer options | trainer img/s | bare img/s | trainer / bare "
+        "| preloaded img/s | trainer / preloaded |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['family']} | {row['source']} | {row['batch']} | {row['images']} | {row['options']} "
+            f"| {row['trainer']:.0f} "
+            f"| {row['bare']:.0f} | {row['trainer'] / row['bare']:.2f}× ({spread(row['vs_bare'])}) "
+            f"| {row['pre']:.0f} | {row['trainer'] / row['pre']:.2f}× ({spread(row['vs_pre'])}) |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.markdown_out:
+        args.markdown_out.write_text(table + "\n")
+        print(f"\nwrote {args.markdown_out}")
     return 0
 
 

@@ -43,17 +43,18 @@ def test_unknown_trainer_option_is_refused_with_the_valid_ones():
 
 def test_bench_trainer_prints_and_writes_the_table(tmp_path):
     out = tmp_path / "table.md"
-    done = run_script("benchmarks/bench_trainer.py", "--family", "vae", "--images", "96", "--batch-size", "32",
+    done = run_script("benchmarks/bench_trainer.py", "--family", "vae", "--images", "128", "--batch-size", "32",
                       "--repeats", "1", "--data", "synthetic", "--threads", "1", "--markdown-out", str(out))
     assert done.returncode == 0, done.stderr
     table = out.read_text()
     assert table.startswith("Machine: ") and f"torch {torch.__version__}" in table
     row = next(line for line in table.splitlines() if line.startswith("| vae |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "params.yaml train.vae" and cells[2] == "32"
-    trainer, bare, preloaded = float(cells[4]), float(cells[5]), float(cells[7])
+    assert cells[1] == "params.yaml train.vae" and cells[2] == "32" and int(cells[3]) % 32 == 0
+    trainer, bare, preloaded = float(cells[5]), float(cells[6]), float(cells[8])
     assert trainer > 0 and bare > 0 and preloaded > 0
-    assert cells[6].startswith(f"{trainer / bare:.2f}×")
+    ratio = float(cells[7].split("×")[0])  # of the unrounded medians
+    assert ratio == pytest.approx(trainer / bare, abs=0.01)
 
 
 def test_dcgan64_training_image_costs_the_issues_flops():
@@ -89,3 +90,13 @@ def test_bench_gpu_dry_run_on_cpu_runs_every_loop(tmp_path):
         assert ("preloaded (hand-written)", "bf16", batch) in loops
         assert ("trainer", "bf16", batch) in loops and ("trainer", "bf16+channels_last", batch) in loops
     assert all(float(r.split("|")[4]) > 0 for r in rows)  # img/s
+
+
+def test_step_options_times_each_variant():
+    done = run_script("benchmarks/step_options.py", "--variants", "fp32", "bf16+inputs+t1", "--steps", "1",
+                      "--repeats", "1", "--images", "256")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"fp32", "bf16+inputs+t1"} <= set(rows) and "1.00×" in rows["fp32"]
+    bad = run_script("benchmarks/step_options.py", "--variants", "bf17")
+    assert bad.returncode != 0 and "unknown option(s) ['bf17']" in bad.stderr
