@@ -216,7 +216,10 @@ class Trainer:
                 phase, out = item
                 opt = self.optimizers[phase]
                 opt.zero_grad(set_to_none=True)
-                out.loss.backward()
+                # Gradients of this phase's own parameters only: G's loss runs through D, and D's weight
+                # gradients there would be thrown away (+7 % per DCGAN step here). DDP's reducer waits for
+                # every wrapped parameter, so under torchrun all are computed.
+                out.loss.backward(inputs=self._phase_params[phase] if self.parallel.world_size == 1 else None)
                 self.parallel.sync_gradients(self._phase_params[phase])
                 self._watch.add(self.step + 1, phase, out.loss,
                                 [p.grad for p in self._phase_params[phase] if p.grad is not None])
