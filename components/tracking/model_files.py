@@ -8,6 +8,9 @@ from components.models import FAMILIES, GenerativeModel
 from components.training.checkpoint import load_weights, save_weights, write_json
 
 
+MODEL_FILES = ("model.safetensors", "model.json")  # what loading a trained model needs: all a registered version holds
+
+
 def save_trained_model(model: GenerativeModel, spec: dict, out_dir: Path) -> None:
     save_weights(model, out_dir / "model.safetensors")
     write_json(spec, out_dir / "model.json")

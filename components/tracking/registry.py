@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -196,17 +198,23 @@ def pip_requirements() -> list[str]:
 def _log_and_register(c, name: str, model_dir: Path, eval_dir: Path, tags: dict[str, str], metrics: dict):
     import mlflow
 
+    from components.tracking.model_files import MODEL_FILES
+
     run_id = tags.get("training_run_id")
     if not run_id or not _run_exists(c, run_id):
         run_id = c.create_run(ensure_experiment(name), run_name="registration",
                               tags={"genpipe.note": "training run not found in this tracking store"}).info.run_id
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="genpipe-model-") as served:
         mlflow.log_metrics({f"eval.{k}": float(v) for k, v in metrics.items()})
         mlflow.log_artifact(str(eval_dir / "grid.png"), artifact_path="eval")
+        if (eval_dir / "pictures").is_dir():  # latent traversals and projections
+            mlflow.log_artifacts(str(eval_dir / "pictures"), artifact_path="eval/pictures")
+        for file in MODEL_FILES:  # what loading needs; not the live weights or the run record beside them
+            shutil.copy2(model_dir / file, Path(served) / file)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # models-from-code: nothing pickled
-            artifacts={"model_dir": str(model_dir)},
+            artifacts={"model_dir": served},
             code_paths=[str(Path(__file__).resolve().parents[1])],  # the components package
             pip_requirements=pip_requirements(),
         )
