@@ -2,6 +2,7 @@
 statistics from the live model, the EMA in the model after fit and the live weights beside it."""
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -12,7 +13,7 @@ from test_trainer import make, small_cfg, structured_images
 
 from components.models import GenerativeModel
 from components.training.ema import EMA
-from components.training.trainer import Trainer
+from components.training.trainer import Trainer, stream_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,8 +64,14 @@ def test_fit_leaves_the_exact_average_in_the_model_and_the_live_weights_beside_i
     for t, live in enumerate(history):
         d = min(decay, (1 + t) / (10 + t))
         expected = {k: torch.lerp(expected[k], v, 1 - d) if k in params else v for k, v in live.items()}
-    for k, v in model.generator.state_dict().items():
-        assert torch.equal(v, expected[k]), k
+    for k in params:
+        assert torch.equal(model.generator.state_dict()[k], expected[k]), k
+    # Batch-norm statistics are measured anew for the averaged weights, not the live ones'.
+    running = {k: v for k, v in model.generator.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    assert running and all(not torch.equal(v, history[-1][k]) for k, v in running.items())
+    again = copy.deepcopy(model)
+    trainer.ema.recalibrate_batch_norm(again, stream_seed(cfg.seed, "batch-norm"))
+    assert all(torch.equal(again.generator.state_dict()[k], v) for k, v in running.items())
 
     live = trainer.live_state_dict()
     assert live.keys() == model.state_dict().keys()

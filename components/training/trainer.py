@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from components.config import DivergenceConfig, TrainConfig
 from components.images import to_model_input
-from components.models.base import GenerativeModel
+from components.models.base import FAMILIES, GenerativeModel
 from components.training.checkpoint import (global_rng_state, load_checkpoint, move_aside, save_checkpoint,
                                             set_global_rng_state)
 from components.training.distributed import Workers, parallel_hooks
@@ -336,6 +336,8 @@ class Trainer:
         if self.ema is not None:
             self._live = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.ema.copy_to_model()
+            if FAMILIES.get(self.cfg.family).kind == "generate":
+                self.ema.recalibrate_batch_norm(self.model, stream_seed(self.cfg.seed, "batch-norm"))
         self.model.eval()
         return dict(self.last)
 
