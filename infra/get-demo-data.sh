@@ -4,7 +4,7 @@
 # torchvision's download (needs internet; then data.path is pointed at the download).
 set -euo pipefail
 python=${1:-python3}
-read -r source path < <("$python" -c 'from components.config import load_params; d = load_params().data; print(d.source, d.path)' 2>/dev/null || true)
+read -r source path < <("$python" -c 'from components.params import load_params; d = load_params().data; print(d.source, d.path)' 2>/dev/null || true)
 [[ "$source" == "fashion-mnist" ]] || exit 0  # another source: the user brings the data
 if [[ -f "$path/train-images-idx3-ubyte.gz" || -f "$path/train-images-idx3-ubyte" ]]; then exit 0; fi
 
