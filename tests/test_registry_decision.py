@@ -1,7 +1,6 @@
 """Promotion decisions (no MLflow server needed); request parsing is in tests/test_requests.py."""
 from __future__ import annotations
 
-
 from components.tracking.registry import decide
 
 
