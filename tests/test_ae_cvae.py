@@ -16,6 +16,7 @@ from components.images import to_model_input
 from components.models import FAMILIES, build_model
 from components.tracking.model_files import load_trained_model, save_trained_model
 from components.training.trainer import Trainer
+from test_trainer import structured_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,23 +38,6 @@ def images_in(n: int, channels: int, size: int, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def structured_images(n: int = 64, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 N×1×S×S of four shapes (horizontal bar, vertical bar, square, diagonal), shifted a little."""
-    images = torch.zeros(n, 1, size, size, dtype=torch.uint8)
-    labels = torch.arange(n) % 4
-    r = torch.arange(size)
-    for i in range(n):
-        k, o = int(labels[i]), (i // 4) % 5 - 2
-        img = images[i, 0]
-        if k == 0:
-            img[10 + o:16 + o, 4:24] = 255
-        elif k == 1:
-            img[4:24, 10 + o:16 + o] = 255
-        elif k == 2:
-            img[8 + o:20 + o, 8 + o:20 + o] = 200
-        else:
-            img[(r[:, None] - r[None, :] + o).abs() <= 2] = 230
-    return images, labels
 
 
 def fixed_loss(model, x, y) -> float:
