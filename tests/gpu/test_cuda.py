@@ -42,3 +42,25 @@ def test_cpu_samples_scored_by_a_gpu_classifier():
     cfg = EvaluateConfig(metrics=["fid", "kid"], num_samples=60, kid_subset_size=20, grid_size=4, seed=0)
     out = score_samples(sample_uint8(model, 60, seed=0), real, classifier, cfg, 28)
     assert out["fid"] >= 0 and out["kid"] == out["kid"]
+
+
+def train_and_evaluate(family: str, device: str) -> dict[str, float]:
+    """A few bf16 steps with an EMA on `device`, then the evaluation its task kind asks for."""
+    from components.training.trainer import Trainer
+
+    cfg = model_config(family, batch_size=16, ema_decay=0.9, precision="bf16")
+    model = build_model(cfg, 1, 10)
+    data = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 28, 28), generator=data, dtype=torch.uint8)
+    last = Trainer(model, cfg, device=device, log_every=1, progress=False).fit(images, torch.arange(64) % 10)
+    assert last and all(torch.isfinite(torch.tensor(v)) for v in last.values()), last
+    cfg_eval = EvaluateConfig(metrics=["fid", "class_coverage"], num_samples=60, kid_subset_size=20, grid_size=4,
+                              seed=0)
+    return evaluate_model(model, Classifier(1, 10, 8).to(device).eval(), images, cfg_eval,
+                          kind=FAMILIES.get(family).kind)
+
+
+@pytest.mark.parametrize("family", FAMILIES.names())
+def test_every_family_trains_in_bf16_and_evaluates_on_cuda(family):
+    scores = train_and_evaluate(family, "cuda")
+    assert scores["fid"] >= 0 and 1 <= scores["classes_covered"] <= 10
