@@ -4,14 +4,19 @@ import torch
 from components.models.base import FAMILIES, Family, GenerativeModel, StepOutput
 from components.models import ae, cgan, cvae, dcgan, vae, wgan_gp  # noqa: F401  (registers the families)
 
-__all__ = ["FAMILIES", "Family", "GenerativeModel", "StepOutput", "build_model"]
+__all__ = ["FAMILIES", "Family", "GenerativeModel", "StepOutput", "build_model", "class_names"]
+
+
+def class_names(num_classes: int, classes: list[str] | None = None) -> list[str]:
+    """The classes' names: the data's own when it has them, else "class 0", "class 1", …"""
+    return list(classes) if classes else [f"class {i}" for i in range(num_classes)]
 
 
 def build_model(cfg, channels: int, num_classes: int, classes: list[str] | None = None) -> GenerativeModel:
     """Build the model a `train.<name>` config describes, its initial weights drawn from cfg.seed
     alone (the caller's global RNG is neither read nor advanced). `classes` names the classes
     (text-conditioned families build their vocabulary from them); default "class 0", "class 1", …"""
-    classes = list(classes) if classes is not None else [f"class {i}" for i in range(num_classes)]
+    classes = class_names(num_classes, classes)
     if len(classes) != num_classes:
         raise ValueError(f"{len(classes)} class names for {num_classes} classes")
     with torch.random.fork_rng(devices=[]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.models import FAMILIES, GenerativeModel
+from components.models import FAMILIES, GenerativeModel, build_model
 from components.training.checkpoint import load_weights, save_weights, write_json
 
 
@@ -21,7 +21,6 @@ def load_trained_model(model_dir: Path, device: str = "cpu") -> GenerativeModel:
     if not spec_path.is_file():
         raise FileNotFoundError(f"{spec_path}: missing; train the model first (genpipe train NAME)")
     spec = json.loads(spec_path.read_text())
-    family = FAMILIES.get(spec["family"])
-    model = family.build(family.config.model_validate(spec["config"]), spec["channels"],
-                         spec.get("classes") or [f"class {i}" for i in range(spec["num_classes"])])
+    cfg = FAMILIES.get(spec["family"]).config.model_validate(spec["config"])
+    model = build_model(cfg, spec["channels"], spec["num_classes"], spec.get("classes"))
     return load_weights(model, model_dir / "model.safetensors").to(device).eval()

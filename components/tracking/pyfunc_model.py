@@ -40,14 +40,14 @@ class RequestSchema:
     @classmethod
     def of(cls, spec: dict, image_size: int) -> "RequestSchema":
         """The schema of a trained model from its model.json spec (family, channels, classes)."""
-        from components.models import FAMILIES
+        from components.models import FAMILIES, class_names
 
         family = FAMILIES.get(spec["family"])
         unknown = sorted(set(family.conditions) - set(CONDITION_PARSERS))
         if unknown:
             raise ValueError(f"family {spec['family']!r} declares request condition(s) {unknown} that the "
                              f"registered model cannot parse; known: {', '.join(CONDITION_PARSERS)}")
-        classes = spec.get("classes") or [f"class {i}" for i in range(spec["num_classes"])]
+        classes = class_names(spec["num_classes"], spec.get("classes"))
         return cls(family=spec["family"], kind=family.kind, conditions=tuple(family.conditions),
                    channels=int(spec["channels"]), image_size=int(image_size), classes=tuple(classes))
 
