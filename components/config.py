@@ -106,6 +106,30 @@ class RegistryConfig(Frozen):
         return value
 
 
+class DeployConfig(Frozen):
+    """Where and when `retrain` runs as a Prefect deployment (`genpipe deploy` / `genpipe serve`), and
+    whether each model trains as its own flow run on a work pool. Read by no stage: it moves work,
+    it never changes an output."""
+
+    cron: str = Field(pattern=r"^\S+( \S+){4,5}$")  # Prefect parses it fully when deploying
+    timezone: str
+    work_pool: str = Field(min_length=1)         # the pool whose workers run the retrain flow itself
+    training_pool: str | None = Field(min_length=1)  # None: every model trains in the retrain run's process
+    source: str = Field(min_length=1)            # where workers get the code: a git URL, or a folder ("." = here)
+    model_timeout_s: int = Field(gt=0)           # a model's train + evaluate on a worker, before it counts as failed
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone; use an IANA name such as UTC or Europe/Berlin") from None
+        return value
+
+
 class Params(Frozen):
     data: DataConfig
     classifier: ClassifierConfig
@@ -114,6 +138,7 @@ class Params(Frozen):
     divergence: DivergenceConfig
     evaluate: EvaluateConfig
     registry: RegistryConfig
+    deploy: DeployConfig
 
     def model(self, name: str) -> TrainConfig:
         if name not in self.train:

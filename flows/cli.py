@@ -96,6 +96,7 @@ def cmd_retrain(args) -> int:
     with retrain_lock(args.wait):  # one retrain per workspace, from the params write to the last registration
         original = Path(PARAMS_FILE).read_text()
         _params(args.set, write=True, profile=args.profile)  # to params.yaml: DVC records what actually ran
+        from components.versioning.worker_workspace import WorkspaceError
         from flows.retrain import RetrainFailed, retrain
 
         try:
@@ -106,6 +107,8 @@ def cmd_retrain(args) -> int:
                 changes = [f"--set {item}" for item in args.set] + ([f"--profile {args.profile}"] if args.profile else [])
                 print(f"genpipe: retrain failed; {PARAMS_FILE} restored without {' '.join(changes)}",
                       file=sys.stderr)
+            if isinstance(exc, WorkspaceError):
+                raise UsageError(str(exc)) from None
             if not isinstance(exc, RetrainFailed):
                 raise
             _print_result(exc.result)
@@ -119,6 +122,21 @@ def _print_result(result) -> None:
     print(f"stages run: {', '.join(result.stages_run) or 'none (everything up to date)'}")
     for r in result.registrations:
         print(f"{r.name}: version {r.version}, {r.decision} — {r.reason}")
+
+
+def cmd_deploy(args) -> None:
+    from flows.deploy import deploy
+
+    for line in deploy(_params().deploy, Path.cwd()):
+        print(line)
+
+
+def cmd_serve(args) -> None:
+    from flows.deploy import serve
+
+    cfg = _params().deploy
+    print(f"serving retrain on cron {cfg.cron!r} ({cfg.timezone}) until stopped (Ctrl-C)", flush=True)
+    serve(cfg)
 
 
 def cmd_params(args) -> None:
@@ -295,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "retrain":
             p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                            help="when another retrain holds this workspace, wait this long for it (default: exit)")
+    add("deploy", cmd_deploy, "create or update the scheduled retrain deployment (params.yaml deploy:) "
+                              "on a Prefect server (PREFECT_API_URL)")
+    add("serve", cmd_serve, "run retrain on the deploy: schedule in this process, no worker needed (single host)")
     p = add("sample", cmd_sample, "generate a grid from a registered model")
     p.add_argument("--model", required=True, help="NAME@ALIAS, e.g. fashion-mnist-dcgan@champion")
     p.add_argument("-n", type=int, help="number of images (default: one per --labels entry, else 64)")

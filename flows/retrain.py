@@ -1,11 +1,9 @@
 """The `retrain` flow: walk DVC's stage graph, let DVC skip what is unchanged, push, register."""
 from __future__ import annotations
 
-import contextlib
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
@@ -15,9 +13,9 @@ from components.params import load_params
 from components.tracking.registry import Registration, register_model
 from components.versioning import dvc_pipeline as dvc
 from components.workspace import retrain_lock, sweep_checkpoints, sweep_stale
-
-REGISTER_SLOT_WAIT_S = 1800  # another worker registering the same model: wait this long for it
-
+from flows.slots import (REGISTER_SLOT_WAIT_S, TRAIN_SLOT_WAIT_S, model_slot, registration_limit_name,
+                         training_limit_name)
+from flows.workers import prepare_process
 
 @dataclass(frozen=True)
 class RetrainResult:
@@ -94,40 +92,90 @@ def retrain() -> RetrainResult:
 
     A failing train@X / evaluate@X skips only the stages that need it; the other models are still
     pushed and registered, then the flow fails naming what failed. A failing shared stage (ingest,
-    classifier) stops everything.
+    classifier) stops everything. With `deploy.training_pool` set, each model's train + evaluate is
+    a flow run on that pool's workers, all at once (flows/dispatch.py).
     """
+    prepare_process()  # a deployment's run starts here, not in the CLI
     with retrain_lock():  # re-entrant: already held when `genpipe retrain` called this flow
         params = load_params()  # fail on bad params before any work starts; these are the params registered
         repo = dvc.open_repo()
         _sweep_leftovers(repo)
-        ran, failures, skipped = [], {}, []
-        for addressing, needs in dvc.stage_needs(repo).items():
-            if any(n in failures or n in skipped for n in needs):
-                skipped.append(addressing)
-                continue
-            try:
-                if run_stage(addressing):
-                    ran.append(addressing)
-            except Exception as exc:
-                if _model_of(addressing, params) is None:
-                    raise  # a shared stage: no model can be trusted without it
-                failures[addressing] = _describe(exc)
-        push_artifacts()
+        if params.deploy.training_pool:
+            ran, failures, skipped = _run_stages(repo, params, shared_only=True)
+            push_artifacts()  # the workers pull the dataset and the classifier from the remote
+            if not failures:
+                from flows.dispatch import train_models_on_workers
+
+                on_workers, failures = train_models_on_workers(repo, params)
+                ran += on_workers
+        else:
+            ran, failures, skipped = _run_stages(repo, params)
+            push_artifacts()
         blocked = {_model_of(a, params) for a in [*failures, *skipped]}
         registrations = []
         for model in params.train:
             if model in blocked:
                 continue
             try:
-                with _registration_slot(f"{params.data.name}-{model}"):
+                name = f"{params.data.name}-{model}"
+                with model_slot(registration_limit_name(name), REGISTER_SLOT_WAIT_S, f"registering {name}"):
                     registrations.append(register(model, params))
             except Exception as exc:
-                failures[f"register@{model}"] = _describe(exc)
+                failures[f"register@{model}"] = describe(exc)
         result = RetrainResult(stages_run=ran, registrations=registrations, failures=failures, skipped=skipped)
+        publish_summary(result)
         if failures:
             raise RetrainFailed(result)
         return result
 
+
+def _run_stages(repo, params: Params, shared_only: bool = False) -> tuple[list[str], dict[str, str], list[str]]:
+    """Run the DVC stages in order (only those of no model, with shared_only); returns (ran, failures, skipped)."""
+    ran, failures, skipped = [], {}, []
+    for addressing, needs in dvc.stage_needs(repo).items():
+        model = _model_of(addressing, params)
+        if shared_only and model is not None:
+            continue
+        if any(n in failures or n in skipped for n in needs):
+            skipped.append(addressing)
+            continue
+        try:
+            with _training_slot(addressing, params):
+                if run_stage(addressing):
+                    ran.append(addressing)
+        except Exception as exc:
+            if model is None:
+                raise  # a shared stage: no model can be trusted without it
+            failures[addressing] = describe(exc)
+    return ran, failures, skipped
+
+
+def _training_slot(addressing: str, params: Params):
+    """train@X holds the model's training slot (with a Prefect server), as a worker's run of it does."""
+    import contextlib
+
+    stage, _, model = addressing.partition("@")
+    if stage != "train" or model not in params.train:
+        return contextlib.nullcontext()
+    name = f"{params.data.name}-{model}"
+    return model_slot(training_limit_name(name), TRAIN_SLOT_WAIT_S, f"training {name}")
+
+
+def publish_summary(result: RetrainResult) -> None:
+    """What the run did, in its log and as its `retrain-summary` artifact in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact
+
+    logger = get_run_logger()
+    if not result.stages_run and not result.failures and all(r.decision == "unchanged" for r in result.registrations):
+        line = "nothing changed: no stage ran, nothing trained, nothing new registered"
+    else:
+        line = f"stages run: {', '.join(result.stages_run) or 'none'}"
+    logger.info(line)
+    rows = [f"| {r.name} | {r.version} | {r.decision} | {r.reason} |" for r in result.registrations]
+    rows += [f"| {where} | | failed | {error} |" for where, error in result.failures.items()]
+    create_markdown_artifact(key="retrain-summary", description="what this retrain run did",
+                             markdown="\n".join([f"**{line}**", "", "| model | version | decision | reason |",
+                                                 "|---|---|---|---|", *rows]))
 
 def _sweep_leftovers(repo) -> None:
     """Temp files and folders of killed runs: beside every stage output (and beside the folder a file
@@ -148,47 +196,13 @@ def _model_of(addressing: str, params: Params | None = None) -> str | None:
     return key if at and (params is None or key in params.train) else None
 
 
-def _describe(exc: BaseException | None) -> str:
+def describe(exc: BaseException | None) -> str:
     """An error and its causes on one line: DVC's ReproductionError carries the command's in __cause__."""
     parts = []
     while exc is not None and len(parts) < 4:
         parts.append(f"{type(exc).__name__}: {exc}")
         exc = exc.__cause__ or exc.__context__
     return " <- ".join(parts)
-
-
-@contextlib.contextmanager
-def _registration_slot(registered_name: str) -> Iterator[None]:
-    """One registration per registered model at a time across workspaces and workers: a Prefect
-    global concurrency limit (limit 1, created when missing) when a Prefect server is configured.
-    The embedded ephemeral API serves one workspace, which the workspace lock already serialises."""
-    from prefect.settings import get_current_settings
-
-    if not get_current_settings().api.url:
-        yield
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    limit = registration_limit_name(registered_name)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(limit)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):  # another worker created it first
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
-    try:
-        with concurrency(limit, occupy=1, timeout_seconds=REGISTER_SLOT_WAIT_S, strict=True):
-            yield
-    except TimeoutError:
-        raise TimeoutError(f"Prefect concurrency limit {limit!r}: another run kept registering "
-                           f"{registered_name} for {REGISTER_SLOT_WAIT_S} s") from None
-
-
-def registration_limit_name(registered_name: str) -> str:
-    return f"genpipe-register-{registered_name}"
 
 
 def _params_hash(params, model: str) -> str:

@@ -122,11 +122,10 @@ def _free_port() -> int:
 SLOT = """
 import sys, time
 from pathlib import Path
-import flows.retrain as retrain
+from flows.slots import model_slot, registration_limit_name
 name, wait, release = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
-retrain.REGISTER_SLOT_WAIT_S = wait
 try:
-    with retrain._registration_slot(name):
+    with model_slot(registration_limit_name(name), wait, f"registering {name}"):
         print("held", flush=True)
         deadline = time.monotonic() + 600
         while not release.exists() and time.monotonic() < deadline:

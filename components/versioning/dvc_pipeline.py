@@ -8,14 +8,34 @@ from typing import Iterator
 import yaml
 
 LOCK_FILE = "dvc.lock"
+EMBEDDED_REMOTE = "local"  # .dvc/config's default remote: a folder under the state folder
+CREDENTIAL_KEYS = {"access_key_id", "secret_access_key", "session_token", "password", "ask_password",
+                   "credentialpath", "configpath", "profile", "key", "secret", "token", "user"}
 
 
 def open_repo(root: str | Path = "."):
+    """The DVC repo at root, with the embedded remote (`local`, `.genpipe/dvc-remote` in .dvc/config)
+    moved to $GENPIPE_HOME/dvc-remote, so it follows the state folder like everything else."""
     from dvc.repo import Repo
+
+    from components.state import state_dir
 
     repo = Repo(str(root))
     repo.scm_context.quiet = True  # no "git add dvc.lock" hints in every task's log
+    embedded = repo.config["remote"].get(EMBEDDED_REMOTE)
+    if embedded and Path(embedded["url"]).resolve() == (Path(repo.root_dir) / ".genpipe" / "dvc-remote").resolve():
+        embedded["url"] = str(state_dir() / "dvc-remote")
     return repo
+
+
+def remote_settings(repo) -> dict[str, str]:
+    """The default remote's name and settings without credentials, for a worker to reach the same
+    remote: credentials stay where each machine keeps them (environment, its own --local config)."""
+    name = repo.config["core"].get("remote")
+    if not name:
+        raise RuntimeError("no default DVC remote: add one with `dvc remote add -d --local NAME s3://bucket/path`")
+    settings = {k: str(v) for k, v in repo.config["remote"][name].items() if k not in CREDENTIAL_KEYS}
+    return {"name": name, **settings}
 
 
 def stage_order(repo) -> list[str]:
@@ -69,9 +89,41 @@ def workspace_locked(repo) -> Iterator[None]:
         yield
 
 
-def push(repo) -> int:
-    """Push every cached output to the default remote; returns the number of files sent."""
-    return repo.push()
+def push(repo, targets: list[str] | None = None) -> int:
+    """Push cached outputs (of the target stages, or all) to the default remote; returns the number of files sent."""
+    return repo.push(targets=targets)
+
+
+def pull(repo, targets: list[str]) -> None:
+    """Fetch the target stages' outputs from the default remote and check them out."""
+    repo.pull(targets=targets)
+
+
+def is_current(repo, addressing: str) -> bool:
+    """Whether the stage's outputs are in place and match dvc.lock for today's deps and params."""
+    return not repo.status(targets=[addressing])
+
+
+def lock_entries(root: str | Path, addressings: list[str]) -> dict[str, dict]:
+    """The stages' entries of dvc.lock, as DVC wrote them."""
+    lock = yaml.safe_load((Path(root) / LOCK_FILE).read_text())
+    return {a: lock["stages"][a] for a in addressings}
+
+
+def merge_lock_entries(repo, entries: dict[str, dict]) -> None:
+    """Put stage entries that another workspace produced into this workspace's dvc.lock, atomically,
+    under DVC's workspace lock; the other stages' entries stay as they are."""
+    import os
+
+    from dvc.utils.serialize import dumps_yaml
+
+    path = Path(repo.root_dir) / LOCK_FILE
+    with workspace_locked(repo):
+        lock = yaml.safe_load(path.read_text()) if path.exists() else {"schema": "2.0", "stages": {}}
+        lock["stages"].update(entries)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(dumps_yaml(lock))
+        os.replace(tmp, path)
 
 
 def stage_paths(repo, addressing: str) -> dict[str, Path]:

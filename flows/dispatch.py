@@ -1,0 +1,104 @@
+"""The retrain run's side of per-model training on workers (params.yaml `deploy.training_pool`): each
+model whose stages are out of date becomes a flow run of the `train-model` deployment; all run at
+once, each on whichever worker of the pool takes it. The lock entries they hand back are merged into
+this workspace's dvc.lock and their outputs pulled, so this workspace ends as if it had trained them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from components.config import PARAMS_FILE, Params
+from components.versioning import dvc_pipeline as dvc
+from flows.workers import handback_key, model_stages, read_handback
+
+TRAIN_DEPLOYMENT = "train-model/train-model"  # flow name / deployment name, as `genpipe deploy` creates it
+
+
+class WorkerRunFailed(RuntimeError):
+    """A model's flow run on the training pool did not complete; the message has its state and name."""
+
+
+def training_job(repo, params: Params) -> dict:
+    """What a worker needs to stand where this workspace stands: the commit, this run's params.yaml and
+    dvc.lock (the shared stages' entries included), and the DVC remote to pull from and push to."""
+    from components.versioning.worker_workspace import head_commit
+
+    root = Path(repo.root_dir)
+    source = params.deploy.source
+    lock = root / dvc.LOCK_FILE
+    return {
+        "source": str(root) if source == "." else source,
+        "commit": head_commit(root),
+        "params_yaml": (root / PARAMS_FILE).read_text(),
+        "dvc_lock": lock.read_text() if lock.exists() else None,
+        "remote": dvc.remote_settings(repo),
+    }
+
+
+def out_of_date(repo, models: list[str]) -> list[str]:
+    """The models whose train/evaluate stages DVC would run here: the others need no worker."""
+    return [m for m in models if not all(dvc.is_current(repo, a) for a in model_stages(m))]
+
+
+@task(cache_policy=NONE, task_run_name="train-model {model}")  # no retries: the worker's run resumes from its checkpoint
+def train_on_worker(model: str, job: dict, timeout_s: float) -> dict:
+    """Run the model's train-model flow run on the training pool and wait; returns its lock entries."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(TRAIN_DEPLOYMENT, parameters={"model": model, "job": job}, timeout=timeout_s,
+                              poll_interval=2, flow_run_name=f"train-{model}")
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        where = f"flow run {flow_run.name} ({flow_run.id})"
+        if state is None or not state.is_final():
+            raise WorkerRunFailed(f"{where} not finished after {timeout_s:.0f} s (deploy.model_timeout_s); "
+                                  f"is a worker polling the training pool?")
+        raise WorkerRunFailed(f"{where} ended {state.name}: {state.message or 'no message'}")
+    get_run_logger().info("%s trained and evaluated by flow run %s", model, flow_run.name)
+    return _handback(flow_run.id, model)
+
+
+def _handback(flow_run_id, model: str) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[handback_key(model)])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    if not artifacts:
+        raise WorkerRunFailed(f"flow run {flow_run_id} completed without its {handback_key(model)} artifact")
+    return read_handback(artifacts[0].data)
+
+
+@task(cache_policy=NONE, retries=3, retry_delay_seconds=[2, 10, 30])
+def take_back(model: str, entries: dict) -> None:
+    """Merge a worker's lock entries into dvc.lock and check its outputs out from the remote."""
+    repo = dvc.open_repo()
+    dvc.merge_lock_entries(repo, entries)
+    dvc.pull(dvc.open_repo(), list(entries))  # reopened: the index reads the merged lock
+    get_run_logger().info("%s: merged %s into dvc.lock and pulled their outputs", model, ", ".join(entries))
+
+
+def train_models_on_workers(repo, params: Params) -> tuple[list[str], dict[str, str]]:
+    """Dispatch every out-of-date model at once; returns (stages run, failures by stage address)."""
+    from flows.retrain import describe
+
+    models = out_of_date(repo, list(params.train))
+    unchanged = sorted(set(params.train) - set(models))
+    if unchanged:
+        get_run_logger().info("unchanged, no worker needed: %s", ", ".join(unchanged))
+    if not models:
+        return [], {}
+    job = training_job(repo, params)
+    futures = {m: train_on_worker.submit(m, job, params.deploy.model_timeout_s) for m in models}
+    ran, failures = [], {}
+    for model, future in futures.items():
+        try:
+            take_back(model, future.result())
+            ran += model_stages(model)
+        except Exception as exc:
+            failures[f"train@{model}"] = describe(exc)
+    return ran, failures
