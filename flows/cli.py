@@ -97,7 +97,7 @@ def cmd_retrain(args) -> int:
         original = Path(PARAMS_FILE).read_text()
         _params(args.set, write=True, profile=args.profile)  # to params.yaml: DVC records what actually ran
         from components.versioning.worker_workspace import WorkspaceError
-        from flows.retrain import RetrainFailed, retrain
+        from flows.retrain import RetrainFailed, describe, retrain
 
         try:
             result = retrain()
@@ -109,8 +109,11 @@ def cmd_retrain(args) -> int:
                       file=sys.stderr)
             if isinstance(exc, WorkspaceError):
                 raise UsageError(str(exc)) from None
-            if not isinstance(exc, RetrainFailed):
-                raise
+            if not isinstance(exc, Exception):
+                raise  # Ctrl-C, exit
+            if not isinstance(exc, RetrainFailed):  # Prefect logged the traceback above
+                print(f"genpipe: retrain failed: {describe(exc)}", file=sys.stderr)
+                return 1
             _print_result(exc.result)
             print(f"genpipe: {exc}", file=sys.stderr)
             return 1

@@ -11,6 +11,7 @@ from prefect.cache_policies import NONE
 
 from components.config import PARAMS_FILE, Params
 from components.versioning import dvc_pipeline as dvc
+from flows.policies import IO_RETRIES
 from flows.workers import handback_key, model_stages, read_handback
 
 TRAIN_DEPLOYMENT = "train-model/train-model"  # flow name / deployment name, as `genpipe deploy` creates it
@@ -73,7 +74,7 @@ def _handback(flow_run_id, model: str) -> dict:
     return read_handback(artifacts[0].data)
 
 
-@task(cache_policy=NONE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=NONE, **IO_RETRIES)
 def take_back(model: str, entries: dict) -> None:
     """Merge a worker's lock entries into dvc.lock and check its outputs out from the remote."""
     repo = dvc.open_repo()

@@ -14,6 +14,17 @@ from components.tracking.registry import Registration
 log = logging.getLogger(__name__)
 
 
+def _logger():
+    """The flow run's logger inside a run (its warnings show in the Prefect UI), this module's outside."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
 def announce(result_or_registrations, failures: dict[str, str] | None = None,
              flow_run_url: str | None = None) -> list[dict]:
     """Emit and post one message per new champion or kept challenger ("unchanged" ones say nothing new)
@@ -28,7 +39,7 @@ def announce(result_or_registrations, failures: dict[str, str] | None = None,
     try:
         webhook = notify.webhook_from_env()
     except ValueError as exc:  # a bad setting must not fail a run that trained and registered
-        log.warning("no webhook sent: %s", exc)
+        _logger().warning("no webhook sent: %s", exc)
         webhook = None
     tracking_uri = _tracking_uri()
     payloads = []
@@ -41,7 +52,7 @@ def announce(result_or_registrations, failures: dict[str, str] | None = None,
                     "prefect.resource.name": registration.name, "genpipe.model.version": str(registration.version)}
         payloads.append(_publish(payload, resource, webhook))
     if failures:
-        payload = notify.failure_message(failures, notify.links("", "", "", flow_run_url))
+        payload = notify.failure_message(failures, {"prefect": flow_run_url} if flow_run_url else {})
         resource = {"prefect.resource.id": "genpipe.retrain", "prefect.resource.name": "retrain",
                     "genpipe.failed": ", ".join(failures)}
         payloads.append(_publish(payload, resource, webhook))
@@ -54,7 +65,7 @@ def _publish(payload: dict, resource: dict[str, str], webhook: notify.Webhook | 
     try:
         emit_event(event=payload["event"], resource=resource, payload=payload)
     except Exception as exc:  # EventTooLarge is the one emit_event raises; any other it logs itself
-        log.warning("Prefect event %s not emitted: %s", payload["event"], exc)
+        _logger().warning("Prefect event %s not emitted: %s", payload["event"], exc)
     if webhook is not None:
         notify.post_webhook(webhook.url, payload, webhook.secret)
     return payload
@@ -67,7 +78,7 @@ def _version_metrics(registration: Registration) -> dict[str, float]:
     try:
         tags = client().get_model_version(registration.name, str(registration.version)).tags
     except Exception as exc:  # the message still goes out, without metrics
-        log.warning("metrics of %s v%s not read from MLflow: %s", registration.name, registration.version,
+        _logger().warning("metrics of %s v%s not read from MLflow: %s", registration.name, registration.version,
                     notify.redact_text(str(exc))[:300])
         return {}
     metrics = {}

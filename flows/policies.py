@@ -1,5 +1,6 @@
-"""Prefect global concurrency limits (limit 1, created when missing) that keep two runs from working on
-the same model at once: across workspaces, workers and manual or scheduled runs."""
+"""How flows guard shared things: Prefect global concurrency limits (limit 1, created when missing) that
+keep two runs from training or registering the same model at once, across workspaces, workers and
+manual or scheduled runs; and the retries of I/O (DVC push/pull, git, MLflow), never of training."""
 from __future__ import annotations
 
 import contextlib
@@ -44,3 +45,19 @@ def model_slot(limit: str, wait_s: float, doing: str) -> Iterator[None]:
             yield
     except TimeoutError:
         raise TimeoutError(f"Prefect concurrency limit {limit!r}: another run kept {doing} for {wait_s:.0f} s") from None
+
+
+def io_retry_delays() -> list[float]:
+    """Seconds between the retries of a DVC push/pull, git or MLflow call: GENPIPE_IO_RETRY_DELAYS
+    ("2,10,30" by default: three retries within about 40 s of an outage)."""
+    import os
+
+    text = os.environ.get("GENPIPE_IO_RETRY_DELAYS", "2,10,30")
+    try:
+        delays = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"GENPIPE_IO_RETRY_DELAYS: expected comma-separated seconds like 2,10,30, got {text!r}") from None
+    return delays
+
+
+IO_RETRIES = {"retries": len(io_retry_delays()), "retry_delay_seconds": io_retry_delays()}

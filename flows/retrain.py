@@ -13,8 +13,9 @@ from components.params import load_params
 from components.tracking.registry import Registration, register_model
 from components.versioning import dvc_pipeline as dvc
 from components.workspace import retrain_lock, sweep_checkpoints, sweep_stale
-from flows.slots import (REGISTER_SLOT_WAIT_S, TRAIN_SLOT_WAIT_S, model_slot, registration_limit_name,
-                         training_limit_name)
+from flows.policies import (IO_RETRIES, REGISTER_SLOT_WAIT_S, TRAIN_SLOT_WAIT_S, model_slot,
+                            registration_limit_name, training_limit_name)
+from flows.notifications import announce
 from flows.workers import prepare_process
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def run_stage(addressing: str) -> bool:
     return ran
 
 
-@task(cache_policy=NONE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=NONE, **IO_RETRIES)
 def push_artifacts() -> int:
     """Push the dataset, classifier, models and grids to the DVC remote (retried: it is I/O)."""
     pushed = dvc.push(dvc.open_repo())
@@ -56,7 +57,7 @@ def push_artifacts() -> int:
     return pushed
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=[5, 20])
+@task(cache_policy=NONE, **IO_RETRIES)
 def register(model: str, params: Params) -> Registration:
     """Register one evaluated model in MLflow and decide its aliases, under the params the run started with."""
     from components.pipeline import dataset_version, rescore_registered
@@ -69,6 +70,7 @@ def register(model: str, params: Params) -> Registration:
     lineage = {
         "dataset_version": dataset_version(data_dir),  # content hash: the same value as model.json's
         "dataset_md5": dvc.locked_md5(repo.root_dir, "ingest", data_dir),
+        "dvc_remote": dvc.remote_url(repo),  # where that dataset version and the model files are stored
         "evaluator_md5": dvc.locked_md5(repo.root_dir, "classifier", classifier_dir),
         "model_md5": dvc.locked_md5(repo.root_dir, f"train@{model}", model_dir),
         "params_hash": _params_hash(params, model),
@@ -97,36 +99,44 @@ def retrain() -> RetrainResult:
     """
     prepare_process()  # a deployment's run starts here, not in the CLI
     with retrain_lock():  # re-entrant: already held when `genpipe retrain` called this flow
-        params = load_params()  # fail on bad params before any work starts; these are the params registered
-        repo = dvc.open_repo()
-        _sweep_leftovers(repo)
-        if params.deploy.training_pool:
-            ran, failures, skipped = _run_stages(repo, params, shared_only=True)
-            push_artifacts()  # the workers pull the dataset and the classifier from the remote
-            if not failures:
-                from flows.dispatch import train_models_on_workers
-
-                on_workers, failures = train_models_on_workers(repo, params)
-                ran += on_workers
-        else:
-            ran, failures, skipped = _run_stages(repo, params)
-            push_artifacts()
-        blocked = {_model_of(a, params) for a in [*failures, *skipped]}
-        registrations = []
-        for model in params.train:
-            if model in blocked:
-                continue
-            try:
-                name = f"{params.data.name}-{model}"
-                with model_slot(registration_limit_name(name), REGISTER_SLOT_WAIT_S, f"registering {name}"):
-                    registrations.append(register(model, params))
-            except Exception as exc:
-                failures[f"register@{model}"] = describe(exc)
-        result = RetrainResult(stages_run=ran, registrations=registrations, failures=failures, skipped=skipped)
+        try:
+            result = _train_and_register(load_params())  # bad params fail before any work starts
+        except Exception as exc:
+            announce([], {"retrain": describe(exc)})
+            raise
         publish_summary(result)
-        if failures:
+        announce(result)  # Prefect events, and the webhook when GENPIPE_WEBHOOK_URL is set
+        if result.failures:
             raise RetrainFailed(result)
         return result
+
+
+def _train_and_register(params: Params) -> RetrainResult:
+    """The run under the workspace lock; `params` are the ones registered."""
+    repo = dvc.open_repo()
+    _sweep_leftovers(repo)
+    if params.deploy.training_pool:
+        from flows.dispatch import train_models_on_workers
+
+        ran, failures, skipped = _run_stages(repo, params, shared_only=True)  # ingest, classifier
+        push_artifacts()  # the workers pull the dataset and the classifier from the remote
+        on_workers, failures = train_models_on_workers(repo, params)
+        ran += on_workers
+    else:
+        ran, failures, skipped = _run_stages(repo, params)
+        push_artifacts()
+    blocked = {_model_of(a, params) for a in [*failures, *skipped]}
+    registrations = []
+    for model in params.train:
+        if model in blocked:
+            continue
+        try:
+            name = f"{params.data.name}-{model}"
+            with model_slot(registration_limit_name(name), REGISTER_SLOT_WAIT_S, f"registering {name}"):
+                registrations.append(register(model, params))
+        except Exception as exc:
+            failures[f"register@{model}"] = describe(exc)
+    return RetrainResult(stages_run=ran, registrations=registrations, failures=failures, skipped=skipped)
 
 
 def _run_stages(repo, params: Params, shared_only: bool = False) -> tuple[list[str], dict[str, str], list[str]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.slots import TRAIN_SLOT_WAIT_S, model_slot, training_limit_name
+from flows.policies import IO_RETRIES, TRAIN_SLOT_WAIT_S, model_slot, training_limit_name
 
 HANDBACK_FENCE = "```yaml"
 INPUT_STAGES = ["ingest", "classifier"]
@@ -36,7 +36,7 @@ def prepare_process() -> None:
         os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=[5, 20])
+@task(cache_policy=NONE, **IO_RETRIES)
 def check_out(model: str, job: dict) -> Path:
     """The worker's workspace for this model at the run's commit, with its params, lock and remote."""
     from components.state import state_dir
@@ -48,7 +48,7 @@ def check_out(model: str, job: dict) -> Path:
     return workspace
 
 
-@task(cache_policy=NONE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=NONE, **IO_RETRIES)
 def pull_inputs(workspace: Path) -> None:
     from components.versioning import dvc_pipeline as dvc
 
@@ -64,7 +64,7 @@ def reproduce(workspace: Path, addressing: str) -> bool:
     return ran
 
 
-@task(cache_policy=NONE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=NONE, **IO_RETRIES)
 def push_outputs(workspace: Path, stages: list[str]) -> int:
     from components.versioning import dvc_pipeline as dvc
 

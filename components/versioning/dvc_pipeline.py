@@ -9,8 +9,6 @@ import yaml
 
 LOCK_FILE = "dvc.lock"
 EMBEDDED_REMOTE = "local"  # .dvc/config's default remote: a folder under the state folder
-CREDENTIAL_KEYS = {"access_key_id", "secret_access_key", "session_token", "password", "ask_password",
-                   "credentialpath", "configpath", "profile", "key", "secret", "token", "user"}
 
 
 def open_repo(root: str | Path = "."):
@@ -29,13 +27,13 @@ def open_repo(root: str | Path = "."):
 
 
 def remote_settings(repo) -> dict[str, str]:
-    """The default remote's name and settings without credentials, for a worker to reach the same
-    remote: credentials stay where each machine keeps them (environment, its own --local config)."""
+    """The default remote's name and URL, for a worker to use the same remote. Nothing else travels:
+    the endpoint, region and credentials are the worker's own (AWS_ENDPOINT_URL, AWS_* or its own
+    --local config), since a host name that works here may not inside a container or cluster."""
     name = repo.config["core"].get("remote")
     if not name:
         raise RuntimeError("no default DVC remote: add one with `dvc remote add -d --local NAME s3://bucket/path`")
-    settings = {k: str(v) for k, v in repo.config["remote"][name].items() if k not in CREDENTIAL_KEYS}
-    return {"name": name, **settings}
+    return {"name": name, "url": str(repo.config["remote"][name]["url"])}
 
 
 def stage_order(repo) -> list[str]:
@@ -87,6 +85,14 @@ def workspace_locked(repo) -> Iterator[None]:
 
     with lock_repo(repo):
         yield
+
+
+def remote_url(repo) -> str:
+    """The default remote's URL, any password in it masked, or '' without a remote."""
+    from components.state import redact_uri
+
+    name = repo.config["core"].get("remote")
+    return redact_uri(str(repo.config["remote"][name]["url"])) if name else ""
 
 
 def push(repo, targets: list[str] | None = None) -> int:

@@ -1,0 +1,86 @@
+"""Team-scale orchestration, measured against real servers on loopback (tests/stack.py: Prefect
+server, MLflow server with S3 artefacts on moto, S3 DVC remote, process workers):
+
+1. two models trained by one in-process `genpipe retrain` (the default, serial) beside the same two
+   models trained by `genpipe retrain` with `deploy.training_pool` set, one model per worker;
+2. the unchanged scheduled run: the retrain deployment triggered with nothing changed, from the
+   trigger to its completed state (`prefect deployment run --watch`), and the CLI retrain alike.
+
+    .venv/bin/python benchmarks/bench_orchestration.py [--limit 6000] [--epochs 1]
+
+Both retrains start from the same fresh state (their own project checkout, data name and registry
+entries); each includes ingest and the classifier, which run in the retrain process in both modes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+from stack import RETRAIN_POOL, TRAINING_POOL, BUCKET, genpipe, make_project, team  # noqa: E402
+
+MODELS = ["vae", "dcgan"]
+
+
+def timed(what: str, args: list[str], ws: Path, env: dict) -> float:
+    started = time.monotonic()
+    result = genpipe(args, ws, env, timeout=3600)
+    elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        sys.exit(f"{what} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=6000, help="images per split (data.limit_per_split)")
+    parser.add_argument("--epochs", type=int, default=1)
+    args = parser.parse_args()
+    common = [f"data.limit_per_split={args.limit}", "classifier.epochs=1",
+              *(f"train.{m}.epochs={args.epochs}" for m in MODELS), "evaluate.num_samples=1000",
+              "evaluate.kid_subset_size=500", f"deploy.work_pool={RETRAIN_POOL}"]
+    cores = os.cpu_count()
+    print(f"# bench_orchestration: {platform.processor() or platform.machine()}, {cores} cores, "
+          f"models {', '.join(MODELS)}, {args.limit} images per split, {args.epochs} epoch(s)")
+    with tempfile.TemporaryDirectory(prefix="genpipe-bench-") as tmp:
+        base = Path(tmp)
+        parallel_ws = base / "parallel"
+        # Each worker gets half the cores, so two workers together use what the serial run uses.
+        with team(base / "servers", workers=2, retrain_worker_home=parallel_ws / ".genpipe", threads_per_worker=max(1, cores // 2)) as crew:
+            remote = {"endpoint": crew.s3}
+            serial_ws = make_project(base / "serial", MODELS, [*common, "data.name=bench-serial"],
+                                     remote=f"s3://{BUCKET}/serial", **remote)
+            make_project(parallel_ws, MODELS, [*common, "data.name=bench-parallel", f"deploy.training_pool={TRAINING_POOL}"],
+                         remote=f"s3://{BUCKET}/parallel", **remote)
+            serial_env = crew.client_env(serial_ws / ".genpipe", OMP_NUM_THREADS=str(cores))
+            parallel_env = crew.client_env(parallel_ws / ".genpipe", OMP_NUM_THREADS=str(cores))
+            timed("deploy", ["deploy"], parallel_ws, parallel_env)
+
+            serial = timed("serial retrain", ["retrain"], serial_ws, serial_env)
+            parallel = timed("parallel retrain", ["retrain"], parallel_ws, parallel_env)
+            print(f"retrain of {len(MODELS)} models, in-process serial:   {serial:7.1f} s")
+            print(f"retrain of {len(MODELS)} models, two workers at once: {parallel:7.1f} s  "
+                  f"({parallel / serial:.2f}x serial; goal <= 0.6x where the cores allow)")
+
+            unchanged_cli = timed("unchanged retrain", ["retrain"], parallel_ws, parallel_env)
+            started = time.monotonic()
+            run = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", "retrain/retrain",
+                                  "--watch", "--watch-timeout", "600"], cwd=parallel_ws, env=parallel_env,
+                                 capture_output=True, text=True)
+            scheduled = time.monotonic() - started
+            if run.returncode != 0:
+                sys.exit(f"deployment run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+            print(f"unchanged run, `genpipe retrain` (process start to exit):  {unchanged_cli:5.1f} s")
+            print(f"unchanged scheduled run (deployment trigger to Completed): {scheduled:5.1f} s  (goal <= 10 s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""A team installation, all real and on loopback (tests/stack.py): Prefect server, MLflow server with
+S3 artefacts, an S3 DVC remote, two process workers on the training pool and one on the retrain
+pool. `genpipe deploy` then `genpipe retrain` trains two models at once on the two workers and
+registers both; the retrain workspace ends clean and a fresh clone pulls every output bit for bit;
+the scheduled deployment's run with nothing changed trains nothing; an S3 outage fails clearly
+and changes neither the registry nor the remote."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from model_configs import shrink_every_model
+from stack import BUCKET, REPO, RETRAIN_POOL, TRAINING_POOL, dvc_config, genpipe, make_project, team
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+MODELS = ["vae", "dcgan"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+                       reason="demo data missing: `make data` installs dataset-fashion-mnist"),
+]
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A webhook receiver on loopback that keeps every JSON body it gets."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hooks/secret-token"
+
+
+@pytest.fixture(scope="module")
+def installation(tmp_path_factory):
+    base = tmp_path_factory.mktemp("team")
+    overrides = ["data.limit_per_split=160", "classifier.epochs=1", "classifier.batch_size=32",
+                 *shrink_every_model(REPO / "params.yaml", batch_size=32, width=16),
+                 "evaluate.num_samples=100", "evaluate.kid_subset_size=50", "evaluate.grid_size=16",
+                 f"deploy.work_pool={RETRAIN_POOL}", f"deploy.training_pool={TRAINING_POOL}",
+                 "deploy.timezone=Europe/Berlin"]
+    overrides = [o for o in overrides if o.split(".")[1] in MODELS or not o.startswith("train.")]
+    receiver = Receiver()
+
+    ws = base / "project"
+    with team(base / "servers", workers=2, retrain_worker_home=ws / ".genpipe",
+              extra_env={"GENPIPE_WEBHOOK_URL": receiver.url}) as crew:
+        make_project(ws, MODELS, overrides, remote=f"s3://{BUCKET}/dvc", endpoint=crew.s3)
+        yield crew, ws, crew.client_env(ws / ".genpipe"), receiver
+    receiver.shutdown()
+
+
+def prefect_client(crew):
+    os.environ["PREFECT_API_URL"] = crew.api
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def train_model_runs(crew) -> list:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with prefect_client(crew) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train-model"])))
+
+
+def mlflow_client(crew):
+    from mlflow import MlflowClient
+
+    return MlflowClient(crew.tracking)
+
+
+def test_deploy_creates_the_scheduled_deployments_idempotently(installation):
+    crew, ws, env, _ = installation
+    first = genpipe(["deploy"], ws, env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "deployment retrain/retrain on pool genpipe" in first.stdout
+    second = genpipe(["deploy"], ws, env, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    with prefect_client(crew) as client:
+        retrain = client.read_deployment_by_name("retrain/retrain")
+        train_model = client.read_deployment_by_name("train-model/train-model")
+        assert len(client.read_deployments()) == 2, "a second deploy must update, not add"
+    assert (retrain.work_pool_name, train_model.work_pool_name) == (RETRAIN_POOL, TRAINING_POOL)
+    [schedule] = retrain.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 3 * * 1", "Europe/Berlin")
+
+
+def test_models_train_at_once_on_two_workers_and_are_registered(installation):
+    crew, ws, env, receiver = installation
+    result = genpipe(["retrain"], ws, env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+
+    runs = train_model_runs(crew)
+    assert sorted(r.parameters["model"] for r in runs) == sorted(MODELS)
+    assert all(r.state.is_completed() for r in runs)
+    (a_start, a_end), (b_start, b_end) = [(r.start_time, r.end_time) for r in runs]
+    assert a_start < b_end and b_start < a_end, "the two models' training did not overlap"
+    logs = {w: (crew.root / f"worker-{w}.log").read_text() for w in (0, 1)}
+    took = {w: [str(r.id) for r in runs if str(r.id) in text] for w, text in logs.items()}
+    assert sorted(map(len, took.values())) == [1, 1], f"each worker should take one model: {took}"
+
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=ws, env=env, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout + status.stderr
+
+    from servers import bucket_keys
+
+    keys = bucket_keys(crew.s3, BUCKET)
+    client = mlflow_client(crew)
+    for model in MODELS:
+        champion = client.get_model_version_by_alias(f"fashion-mnist-{model}", "champion")
+        assert champion.tags["dvc_remote"] == f"s3://{BUCKET}/dvc"
+        md5 = champion.tags["dataset_md5"]
+        assert f"dvc/files/md5/{md5[:2]}/{md5[2:]}" in keys, "the registered data version is not in S3"
+        run = client.get_run(champion.tags["training_run_id"])
+        assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert any(k.startswith("mlflow/") for k in keys), "no MLflow artefact reached the bucket"
+
+    champions = sorted(m["model"] for m in receiver.received if m["event"] == "genpipe.model.champion")
+    assert champions == [f"fashion-mnist-{m}" for m in sorted(MODELS)]
+
+
+def test_a_fresh_clone_pulls_every_output_bit_for_bit(installation, tmp_path):
+    crew, ws, env, _ = installation
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
+    for name in ["params.yaml", "dvc.lock", ".dvc/config.local"]:
+        (clone / name).write_bytes((ws / name).read_bytes())
+    pull = subprocess.run([sys.executable, "-m", "dvc", "pull", "-q"], cwd=clone, env=env, capture_output=True, text=True)
+    assert pull.returncode == 0, pull.stderr
+
+    def digests(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+                for p in sorted((root / "artifacts").rglob("*")) if p.is_file() and p.name != ".gitignore"}
+
+    assert digests(clone) == digests(ws) and len(digests(ws)) > 10
+
+
+def test_the_scheduled_deployment_with_nothing_changed_trains_nothing(installation):
+    crew, ws, env, receiver = installation
+    before, messages = len(train_model_runs(crew)), len(receiver.received)
+    started = time.monotonic()
+    run = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", "retrain/retrain",
+                          "--watch", "--watch-timeout", "300"], cwd=ws, env=env, capture_output=True, text=True,
+                         timeout=400)
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert len(train_model_runs(crew)) == before, "an unchanged run dispatched training"
+    assert len(receiver.received) == messages, "an unchanged run announced something"
+    with prefect_client(crew) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        summaries = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-summary"])))
+    assert "nothing changed" in max(summaries, key=lambda a: a.created).data
+    client = mlflow_client(crew)
+    assert [len(client.search_model_versions(f"name='fashion-mnist-{m}'")) for m in MODELS] == [1, 1]
+    print(f"unchanged scheduled run, trigger to completed: {elapsed:.1f} s")
+
+
+def test_an_s3_outage_fails_clearly_and_leaves_registry_and_remote_as_they_were(installation):
+    crew, ws, env, receiver = installation
+    from servers import bucket_keys, free_port
+
+    keys = sorted(bucket_keys(crew.s3, BUCKET))
+    params = (ws / "params.yaml").read_text()
+    dead = f"http://127.0.0.1:{free_port()}"
+    dvc_config(ws, "remote", "modify", "--local", "storage", "endpointurl", dead)
+    try:
+        result = genpipe(["retrain", "--set", "train.dcgan.lr=0.0003"], ws, env, timeout=600)
+    finally:
+        dvc_config(ws, "remote", "modify", "--local", "storage", "endpointurl", crew.s3)
+    assert result.returncode != 0
+    assert "push" in result.stderr and dead.split("//")[1] in result.stderr, result.stderr[-3000:]
+    assert (ws / "params.yaml").read_text() == params, "a failed run must restore params.yaml"
+    assert sorted(bucket_keys(crew.s3, BUCKET)) == keys
+    client = mlflow_client(crew)
+    assert len(client.search_model_versions("name='fashion-mnist-dcgan'")) == 1
+    assert receiver.received[-1]["event"] == "genpipe.retrain.failed"
