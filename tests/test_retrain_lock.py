@@ -122,7 +122,7 @@ def _free_port() -> int:
 SLOT = """
 import sys, time
 from pathlib import Path
-from flows.slots import model_slot, registration_limit_name
+from flows.policies import model_slot, registration_limit_name
 name, wait, release = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
 try:
     with model_slot(registration_limit_name(name), wait, f"registering {name}"):
