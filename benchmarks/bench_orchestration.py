@@ -3,8 +3,8 @@ server, MLflow server with S3 artefacts on moto, S3 DVC remote, process workers)
 
 1. two models trained by one in-process `genpipe retrain` (the default, serial) beside the same two
    models trained by `genpipe retrain` with `deploy.training_pool` set, one model per worker;
-2. the unchanged scheduled run: the retrain deployment triggered with nothing changed, from the
-   trigger to its completed state (`prefect deployment run --watch`), and the CLI retrain alike.
+2. the unchanged scheduled run: the retrain deployment's run with nothing changed, from its creation
+   to its completed state on the server's clock (what a schedule starts), and the CLI retrain alike.
 
     .venv/bin/python benchmarks/bench_orchestration.py [--limit 6000] [--epochs 1]
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,15 +70,23 @@ def main() -> None:
                   f"({parallel / serial:.2f}x serial; goal <= 0.6x where the cores allow)")
 
             unchanged_cli = timed("unchanged retrain", ["retrain"], parallel_ws, parallel_env)
-            started = time.monotonic()
-            run = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", "retrain/retrain",
-                                  "--watch", "--watch-timeout", "600"], cwd=parallel_ws, env=parallel_env,
-                                 capture_output=True, text=True)
-            scheduled = time.monotonic() - started
-            if run.returncode != 0:
-                sys.exit(f"deployment run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-            print(f"unchanged run, `genpipe retrain` (process start to exit):  {unchanged_cli:5.1f} s")
-            print(f"unchanged scheduled run (deployment trigger to Completed): {scheduled:5.1f} s  (goal <= 10 s)")
+            created_to_end, start_to_end = scheduled_run(crew.api)
+            print(f"unchanged run, `genpipe retrain` (process start to exit):   {unchanged_cli:5.1f} s")
+            print(f"unchanged scheduled run, created to completed (server clock): {created_to_end:5.1f} s  (goal <= 10 s)")
+            print(f"  of which the flow run itself (started to completed):       {start_to_end:5.1f} s")
+
+
+def scheduled_run(api: str) -> tuple[float, float]:
+    """Start the retrain deployment as its schedule would and wait; the server's timestamps of that
+    run: created → completed (worker pick-up, process start, the run) and started → completed."""
+    os.environ["PREFECT_API_URL"] = api
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment("retrain/retrain", timeout=600, poll_interval=0.5, as_subflow=False)
+    if not flow_run.state.is_completed():
+        sys.exit(f"the retrain deployment's run ended {flow_run.state.name}: {flow_run.state.message}")
+    return ((flow_run.end_time - flow_run.created).total_seconds(),
+            (flow_run.end_time - flow_run.start_time).total_seconds())
 
 
 if __name__ == "__main__":

@@ -57,7 +57,39 @@ def deploy(cfg: DeployConfig, root: Path) -> list[str]:
             name=DEPLOYMENT_NAMES["train-model"], work_pool_name=cfg.training_pool, build=False, push=False,
             print_next_steps=False, description="one model's train@NAME + evaluate@NAME in a worker's workspace")
         done.append(f"deployment train-model/train-model on pool {cfg.training_pool}: started by retrain, one run per model")
+    done.append(registry_webhook())
     return done
+
+
+def registry_webhook() -> str:
+    """With GENPIPE_WEBHOOK_URL and an MLflow tracking server: the server's own registry webhook for
+    `model_version_alias.created` to the same receiver, signed with the same secret. genpipe's messages
+    (decision, metrics, failures) still go there too; MLflow's cover every alias move, by hand too."""
+    import os
+
+    from components import notify
+    from components.tracking.webhooks import ALIAS_CREATED, ALIAS_WEBHOOK, ensure_alias_webhook
+
+    try:
+        webhook = notify.webhook_from_env()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if webhook is None:
+        return "notifications: Prefect events only (set GENPIPE_WEBHOOK_URL for HTTP messages)"
+    if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+        return f"notifications: genpipe's messages to {notify.host_of(webhook.url)}; no MLflow registry webhook " \
+               f"(MLFLOW_TRACKING_URI is not a tracking server)"
+    from mlflow.exceptions import MlflowException
+
+    from components.tracking.runs import client
+
+    try:
+        ensure_alias_webhook(client(), webhook.url, webhook.secret)
+    except MlflowException as exc:
+        return f"notifications: genpipe's messages to {notify.host_of(webhook.url)}; the MLflow server refused " \
+               f"its registry webhook ({exc.message})"
+    return f"notifications: genpipe's messages and MLflow's registry webhook {ALIAS_WEBHOOK} ({ALIAS_CREATED}) " \
+           f"to {notify.host_of(webhook.url)}"
 
 
 def ensure_pool(name: str) -> str:

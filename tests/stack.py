@@ -74,8 +74,12 @@ def team(base: Path, workers: int = 2, retrain_worker_home: Path | None = None,
         s3 = stack.enter_context(moto_s3(base))
         make_bucket(s3, BUCKET)
         api = stack.enter_context(prefect_server(base / "prefect"))
+        from cryptography.fernet import Fernet
+
+        webhooks = {"MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true", "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+                    "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode()}  # a receiver on loopback
         tracking = stack.enter_context(mlflow_server(base / "mlflow", artifacts_destination=f"s3://{BUCKET}/mlflow",
-                                                     s3_endpoint=s3))
+                                                     s3_endpoint=s3, env=webhooks))
         env = clean_env(PREFECT_API_URL=api, MLFLOW_TRACKING_URI=tracking, **S3_CREDENTIALS, AWS_ENDPOINT_URL=s3,
                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                         DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",

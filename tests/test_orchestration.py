@@ -31,17 +31,29 @@ pytestmark = [
 ]
 
 
+SECRET = "webhook-test-secret"
+
+
 class Receiver(http.server.ThreadingHTTPServer):
-    """A webhook receiver on loopback that keeps every JSON body it gets."""
+    """A webhook receiver on loopback: `received` holds genpipe's messages whose signature checks out,
+    `mlflow` MLflow's own registry deliveries likewise, `forged` anything else."""
 
     def __init__(self):
-        received = self.received = []
+        from components.notify import verify_signature
+
+        self.received, self.mlflow, self.forged = [], [], []
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
+            def do_POST(handler):
+                body = handler.rfile.read(int(handler.headers["Content-Length"])).decode()
+                sender = "X-Genpipe" if handler.headers.get("X-Genpipe-Signature") else "X-MLflow"
+                signed = verify_signature(SECRET, handler.headers.get(f"{sender}-Delivery-Id", ""),
+                                          handler.headers.get(f"{sender}-Timestamp", ""), body,
+                                          handler.headers.get(f"{sender}-Signature", ""))
+                inbox = self.forged if not signed else self.received if sender == "X-Genpipe" else self.mlflow
+                inbox.append(json.loads(body))
+                handler.send_response(204)
+                handler.end_headers()
 
             def log_message(self, *args):
                 pass
@@ -67,7 +79,7 @@ def installation(tmp_path_factory):
 
     ws = base / "project"
     with team(base / "servers", workers=2, retrain_worker_home=ws / ".genpipe",
-              extra_env={"GENPIPE_WEBHOOK_URL": receiver.url}) as crew:
+              extra_env={"GENPIPE_WEBHOOK_URL": receiver.url, "GENPIPE_WEBHOOK_SECRET": SECRET}) as crew:
         make_project(ws, MODELS, overrides, remote=f"s3://{BUCKET}/dvc", endpoint=crew.s3)
         yield crew, ws, crew.client_env(ws / ".genpipe"), receiver
     receiver.shutdown()
@@ -98,6 +110,7 @@ def test_deploy_creates_the_scheduled_deployments_idempotently(installation):
     first = genpipe(["deploy"], ws, env, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "deployment retrain/retrain on pool genpipe" in first.stdout
+    assert "MLflow's registry webhook genpipe-model-alias" in first.stdout, first.stdout
     second = genpipe(["deploy"], ws, env, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     with prefect_client(crew) as client:
@@ -141,6 +154,12 @@ def test_models_train_at_once_on_two_workers_and_are_registered(installation):
 
     champions = sorted(m["model"] for m in receiver.received if m["event"] == "genpipe.model.champion")
     assert champions == [f"fashion-mnist-{m}" for m in sorted(MODELS)]
+    assert not receiver.forged
+    deadline = time.monotonic() + 30  # MLflow's server sends its deliveries from a thread pool
+    while len(receiver.mlflow) < len(MODELS) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    aliases = sorted((m["data"]["name"], m["data"]["alias"]) for m in receiver.mlflow)
+    assert aliases == [(f"fashion-mnist-{m}", "champion") for m in sorted(MODELS)], receiver.mlflow
 
 
 def test_a_fresh_clone_pulls_every_output_bit_for_bit(installation, tmp_path):
