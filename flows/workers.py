@@ -31,6 +31,9 @@ def prepare_process() -> None:
     from components.state import configure_environment
 
     configure_environment()
+    # An unreachable MLflow fails a call in seconds, and the flow's own retries (GENPIPE_IO_RETRY_DELAYS)
+    # wait out the outage, instead of MLflow's 7 retries backing off for minutes inside one attempt.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -218,3 +218,47 @@ def test_an_s3_outage_fails_clearly_and_leaves_registry_and_remote_as_they_were(
     client = mlflow_client(crew)
     assert len(client.search_model_versions("name='fashion-mnist-dcgan'")) == 1
     assert receiver.received[-1]["event"] == "genpipe.retrain.failed"
+
+
+def test_an_mlflow_outage_fails_clearly_and_registers_nothing(installation):
+    crew, ws, env, receiver = installation
+    from servers import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    result = genpipe(["retrain"], ws, {**env, "MLFLOW_TRACKING_URI": f"http://{dead}"}, timeout=600)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert all(f"register@{m}" in result.stderr for m in MODELS) and dead in result.stderr, result.stderr[-3000:]
+    client = mlflow_client(crew)
+    assert [len(client.search_model_versions(f"name='fashion-mnist-{m}'")) for m in MODELS] == [1, 1]
+    assert receiver.received[-1]["event"] == "genpipe.retrain.failed"
+
+
+def test_two_runs_of_one_model_at_once_train_one_after_the_other_and_register_in_turn(installation, tmp_path):
+    """A second workspace (a teammate's clone) and this one retrain vae at the same moment: the two
+    trainings, on two workers, never overlap (the model's training slot), and the two registrations
+    take turns (its registration slot): each version is judged, and one champion results."""
+    crew, ws, env, _ = installation
+    other = tmp_path / "teammate"
+    subprocess.run(["git", "clone", "-q", str(ws), str(other)], check=True)
+    for name in ["params.yaml", "dvc.lock", ".dvc/config.local"]:
+        (other / name).write_bytes((ws / name).read_bytes())
+    other_env = crew.client_env(other / ".genpipe")
+    subprocess.run([sys.executable, "-m", "dvc", "pull", "-q"], cwd=other, env=other_env, check=True)
+
+    change = ["retrain", "--set", "train.vae.lr=0.0007"]
+    runs = [subprocess.Popen([str(Path(sys.executable).parent / "genpipe"), *change], cwd=where, env=e,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for where, e in [(ws, env), (other, other_env)]]
+    outputs = [run.communicate(timeout=900)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+
+    client = mlflow_client(crew)
+    versions = client.search_model_versions("name='fashion-mnist-vae'")
+    new = [v for v in versions if v.version != "1"]
+    assert len(new) == 2, [v.version for v in versions]
+    trainings = sorted((r.info.start_time, r.info.end_time) for r in (client.get_run(v.tags["training_run_id"]) for v in new))
+    assert trainings[0][1] <= trainings[1][0], f"the two trainings overlapped: {trainings}"
+    for v in client.search_model_versions("name='fashion-mnist-vae'"):
+        assert "promotion.decision" in v.tags and "promotion.pending" not in v.tags, (v.version, v.tags)
+    champion = client.get_model_version_by_alias("fashion-mnist-vae", "champion")
+    assert champion.version in {v.version for v in versions}

@@ -34,7 +34,7 @@ def head_commit(root: str | Path) -> str:
         commit = git("rev-parse", "--verify", "HEAD^{commit}", cwd=root)
     except WorkspaceError:
         raise WorkspaceError(f"{root}: no git commit yet; workers check out a commit, so commit the project first") from None
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no", cwd=root).splitlines()]
+    changed = git("diff", "--name-only", "HEAD", cwd=root).splitlines()  # tracked files, staged or not
     changed = [path for path in changed if path not in (PARAMS_FILE, LOCK_FILE)]
     if changed:
         raise WorkspaceError(f"{root}: uncommitted changes to {', '.join(changed)}; workers check out commit "
