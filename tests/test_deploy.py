@@ -1,0 +1,117 @@
+"""params.yaml's deploy section and what workers are handed: errors name the key, a dirty checkout is
+refused only for code, lock entries merge into dvc.lock without touching the others."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import ConfigError, read_params_raw
+from components.params import parse_params
+from components.versioning.worker_workspace import WorkspaceError, head_commit, prepare
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def deploy_with(**changes):
+    raw = read_params_raw(PARAMS)
+    raw["deploy"].update(changes)
+    return parse_params(raw).deploy
+
+
+def test_shipped_deploy_section_trains_in_process():
+    cfg = deploy_with()
+    assert cfg.training_pool is None and cfg.source == "."
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("timezone", "Mars/Olympus", "deploy.timezone: unknown time zone"),
+    ("cron", "every monday", "deploy.cron: must match"),
+    ("model_timeout_s", 0, "deploy.model_timeout_s: must be > 0"),
+    ("training_pool", "", "deploy.training_pool"),
+])
+def test_bad_deploy_values_name_their_key(key, value, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        deploy_with(**{key: value})
+
+
+def test_a_cron_prefect_cannot_parse_is_refused_naming_the_key():
+    from flows.deploy import schedule
+
+    with pytest.raises(ConfigError, match=r"deploy\.cron: .*'61 3 \* \* 1'"):
+        schedule(deploy_with(cron="61 3 * * 1"))
+    assert schedule(deploy_with(timezone="Europe/Berlin")).timezone == "Europe/Berlin"
+
+
+def test_deploy_without_a_prefect_server_says_what_to_set(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
+    for name in ["params.yaml", "dvc.yaml"]:
+        (tmp_path / name).write_bytes((PARAMS.parent / name).read_bytes())
+    result = subprocess.run([str(Path(sys.executable).parent / "genpipe"), "deploy"], cwd=tmp_path, text=True,
+                            capture_output=True, env={**env, "GENPIPE_HOME": str(tmp_path / ".genpipe")}, timeout=120)
+    assert result.returncode == 2 and "set PREFECT_API_URL" in result.stderr, result.stderr
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", *args], cwd=root,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def project(tmp_path):
+    root = tmp_path / "project"
+    (root / "components").mkdir(parents=True)
+    (root / "components" / "code.py").write_text("x = 1\n")
+    (root / "params.yaml").write_text("a: 1\n")
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (root / ".dvc").mkdir()
+    (root / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "first")
+    return root
+
+
+def test_workers_get_the_commit_while_only_params_and_lock_differ(project):
+    (project / "params.yaml").write_text("a: 2\n")
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages: {x: {}}\n")
+    assert head_commit(project) == git(project, "rev-parse", "HEAD")
+    (project / "components" / "code.py").write_text("x = 2\n")
+    with pytest.raises(WorkspaceError, match="uncommitted changes to components/code.py; workers check out"):
+        head_commit(project)
+
+
+def test_a_worker_workspace_follows_the_commit_and_takes_the_runs_files(project, tmp_path):
+    first = git(project, "rev-parse", "HEAD")
+    workspace = tmp_path / "worker" / "workspaces" / "vae"
+    remote = {"name": "storage", "url": "s3://bucket/dvc"}
+    prepare(workspace, str(project), first, "a: 5\n", "schema: '2.0'\nstages: {}\n", remote)
+    (workspace / "stray.txt").write_text("left by a killed run")
+    (project / "components" / "code.py").write_text("x = 3\n")
+    git(project, "commit", "-qam", "second")
+    second = git(project, "rev-parse", "HEAD")
+
+    prepare(workspace, str(project), second, "a: 6\n", None, remote)
+    assert git(workspace, "rev-parse", "HEAD") == second
+    assert (workspace / "components" / "code.py").read_text() == "x = 3\n"
+    assert (workspace / "params.yaml").read_text() == "a: 6\n"
+    assert not (workspace / "dvc.lock").exists() and not (workspace / "stray.txt").exists()
+    assert 'url = s3://bucket/dvc' in (workspace / ".dvc" / "config.local").read_text()
+    with pytest.raises(WorkspaceError, match="is not in"):
+        prepare(workspace, str(project), "0" * 40, "a: 6\n", None, remote)
+
+
+def test_merged_lock_entries_replace_only_their_stages(tmp_path):
+    from components.versioning.dvc_pipeline import merge_lock_entries, open_repo
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    lock = {"schema": "2.0", "stages": {"ingest": {"cmd": "a"}, "train@vae": {"cmd": "old"}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    merge_lock_entries(open_repo(tmp_path), {"train@vae": {"cmd": "new"}, "evaluate@vae": {"cmd": "e"}})
+    merged = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+    assert merged["stages"] == {"ingest": {"cmd": "a"}, "train@vae": {"cmd": "new"}, "evaluate@vae": {"cmd": "e"}}
