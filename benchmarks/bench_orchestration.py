@@ -1,8 +1,9 @@
 """Team-scale orchestration, measured against real servers on loopback (tests/stack.py: Prefect
 server, MLflow server with S3 artefacts on moto, S3 DVC remote, process workers):
 
-1. two models trained by one in-process `genpipe retrain` (the default, serial) beside the same two
-   models trained by `genpipe retrain` with `deploy.training_pool` set, one model per worker;
+1. two models trained by one in-process `genpipe retrain` (the default, serial), with every core
+   and with one worker's share of them, beside the same two models trained by `genpipe retrain`
+   with `deploy.training_pool` set, one model per worker;
 2. the unchanged scheduled run: the retrain deployment's run with nothing changed, from its creation
    to its completed state on the server's clock (what a schedule starts), and the CLI retrain alike.
 
@@ -52,22 +53,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="genpipe-bench-") as tmp:
         base = Path(tmp)
         parallel_ws = base / "parallel"
-        # Each worker gets half the cores, so two workers together use what the serial run uses.
-        with team(base / "servers", workers=2, retrain_worker_home=parallel_ws / ".genpipe", threads_per_worker=max(1, cores // 2)) as crew:
+        per_worker = max(1, cores // 2)  # two workers together use what a serial run with every core uses
+        with team(base / "servers", workers=2, retrain_worker_home=parallel_ws / ".genpipe",
+                  threads_per_worker=per_worker) as crew:
             remote = {"endpoint": crew.s3}
-            serial_ws = make_project(base / "serial", MODELS, [*common, "data.name=bench-serial"],
-                                     remote=f"s3://{BUCKET}/serial", **remote)
+            serial = {}
+            for threads in sorted({cores, per_worker}, reverse=True):  # all the cores; one worker's share
+                serial_ws = make_project(base / f"serial-{threads}", MODELS, [*common, f"data.name=bench-serial-{threads}"],
+                                         remote=f"s3://{BUCKET}/serial-{threads}", **remote)
+                serial[threads] = timed("serial retrain", ["retrain"], serial_ws,
+                                        crew.client_env(serial_ws / ".genpipe", OMP_NUM_THREADS=str(threads)))
             make_project(parallel_ws, MODELS, [*common, "data.name=bench-parallel", f"deploy.training_pool={TRAINING_POOL}"],
                          remote=f"s3://{BUCKET}/parallel", **remote)
-            serial_env = crew.client_env(serial_ws / ".genpipe", OMP_NUM_THREADS=str(cores))
             parallel_env = crew.client_env(parallel_ws / ".genpipe", OMP_NUM_THREADS=str(cores))
             timed("deploy", ["deploy"], parallel_ws, parallel_env)
-
-            serial = timed("serial retrain", ["retrain"], serial_ws, serial_env)
             parallel = timed("parallel retrain", ["retrain"], parallel_ws, parallel_env)
-            print(f"retrain of {len(MODELS)} models, in-process serial:   {serial:7.1f} s")
-            print(f"retrain of {len(MODELS)} models, two workers at once: {parallel:7.1f} s  "
-                  f"({parallel / serial:.2f}x serial; goal <= 0.6x where the cores allow)")
+            for threads, seconds in serial.items():
+                print(f"retrain of {len(MODELS)} models, in-process serial, {threads} torch thread(s): {seconds:7.1f} s")
+            print(f"retrain of {len(MODELS)} models, two workers at once, {per_worker} thread(s) each: {parallel:7.1f} s")
+            for threads, seconds in serial.items():
+                print(f"  parallel / serial with {threads} thread(s): {parallel / seconds:.2f}x (goal <= 0.6x where the cores allow)")
 
             unchanged_cli = timed("unchanged retrain", ["retrain"], parallel_ws, parallel_env)
             created_to_end, start_to_end = scheduled_run(crew.api)

@@ -6,10 +6,10 @@ the scheduled deployment's run with nothing changed trains nothing; an S3 outage
 and changes neither the registry nor the remote."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -85,11 +85,14 @@ def installation(tmp_path_factory):
     receiver.shutdown()
 
 
+@contextlib.contextmanager
 def prefect_client(crew):
-    os.environ["PREFECT_API_URL"] = crew.api
+    """A client of the team's server, whatever another test of this process set Prefect to."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    return get_client(sync_client=True)
+    with temporary_settings({PREFECT_API_URL: crew.api}), get_client(sync_client=True) as client:
+        yield client
 
 
 def train_model_runs(crew) -> list:
@@ -256,9 +259,29 @@ def test_two_runs_of_one_model_at_once_train_one_after_the_other_and_register_in
     versions = client.search_model_versions("name='fashion-mnist-vae'")
     new = [v for v in versions if v.version != "1"]
     assert len(new) == 2, [v.version for v in versions]
-    trainings = sorted((r.info.start_time, r.info.end_time) for r in (client.get_run(v.tags["training_run_id"]) for v in new))
-    assert trainings[0][1] <= trainings[1][0], f"the two trainings overlapped: {trainings}"
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with prefect_client(crew) as prefect:  # the train@vae stage runs inside the workers' flow runs
+        stages = prefect.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["train@vae"])))
+    trainings = sorted((t.start_time, t.end_time) for t in stages)[-2:]
+    runs_ms = [(r.info.start_time, r.info.end_time) for r in (client.get_run(v.tags["training_run_id"]) for v in new)]
+    assert trainings[0][1] <= trainings[1][0], f"the two trainings overlapped: {trainings}; MLflow runs {runs_ms}"
     for v in client.search_model_versions("name='fashion-mnist-vae'"):
         assert "promotion.decision" in v.tags and "promotion.pending" not in v.tags, (v.version, v.tags)
     champion = client.get_model_version_by_alias("fashion-mnist-vae", "champion")
     assert champion.version in {v.version for v in versions}
+
+
+def test_one_model_failing_on_its_worker_does_not_stop_the_other(installation):
+    crew, ws, env, receiver = installation
+    client = mlflow_client(crew)
+    dcgan_versions = len(client.search_model_versions("name='fashion-mnist-dcgan'"))
+    vae_versions = len(client.search_model_versions("name='fashion-mnist-vae'"))
+    # dcgan: a batch larger than the data, the trainer refuses; vae: a new seed, so it trains meanwhile.
+    result = genpipe(["retrain", "--set", "train.dcgan.batch_size=100000", "--set", "train.vae.seed=3"], ws, env)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "retrain failed for model(s) dcgan:" in result.stderr and "train@dcgan: WorkerRunFailed" in result.stderr
+    assert len(client.search_model_versions("name='fashion-mnist-vae'")) == vae_versions + 1
+    assert len(client.search_model_versions("name='fashion-mnist-dcgan'")) == dcgan_versions
+    failed = receiver.received[-1]
+    assert failed["event"] == "genpipe.retrain.failed" and "dcgan" in failed["model"], failed
