@@ -7,7 +7,7 @@ server, MLflow server with S3 artefacts on moto, S3 DVC remote, process workers)
 2. the unchanged scheduled run: the retrain deployment's run with nothing changed, from its creation
    to its completed state on the server's clock (what a schedule starts), and the CLI retrain alike.
 
-    .venv/bin/python benchmarks/bench_orchestration.py [--limit 6000] [--epochs 1]
+    .venv/bin/python benchmarks/bench_orchestration.py [--limit 6000] [--epochs 1] [--models dcgan,cgan]
 
 Both retrains start from the same fresh state (their own project checkout, data name and registry
 entries); each includes ingest and the classifier, which run in the retrain process in both modes.
@@ -27,7 +27,6 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from stack import RETRAIN_POOL, TRAINING_POOL, BUCKET, genpipe, make_project, team  # noqa: E402
 
-MODELS = ["vae", "dcgan"]
 
 
 def timed(what: str, args: list[str], ws: Path, env: dict) -> float:
@@ -43,13 +42,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=6000, help="images per split (data.limit_per_split)")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--models", default="dcgan,cgan", help="two or more entries of params.yaml's train section")
     args = parser.parse_args()
+    models = args.models.split(",")
     common = [f"data.limit_per_split={args.limit}", "classifier.epochs=1",
-              *(f"train.{m}.epochs={args.epochs}" for m in MODELS), "evaluate.num_samples=1000",
+              *(f"train.{m}.epochs={args.epochs}" for m in models), "evaluate.num_samples=1000",
               "evaluate.kid_subset_size=500", f"deploy.work_pool={RETRAIN_POOL}"]
     cores = os.cpu_count()
     print(f"# bench_orchestration: {platform.processor() or platform.machine()}, {cores} cores, "
-          f"models {', '.join(MODELS)}, {args.limit} images per split, {args.epochs} epoch(s)")
+          f"models {', '.join(models)}, {args.limit} images per split, {args.epochs} epoch(s)")
     with tempfile.TemporaryDirectory(prefix="genpipe-bench-") as tmp:
         base = Path(tmp)
         parallel_ws = base / "parallel"
@@ -59,18 +60,18 @@ def main() -> None:
             remote = {"endpoint": crew.s3}
             serial = {}
             for threads in sorted({cores, per_worker}, reverse=True):  # all the cores; one worker's share
-                serial_ws = make_project(base / f"serial-{threads}", MODELS, [*common, f"data.name=bench-serial-{threads}"],
+                serial_ws = make_project(base / f"serial-{threads}", models, [*common, f"data.name=bench-serial-{threads}"],
                                          remote=f"s3://{BUCKET}/serial-{threads}", **remote)
                 serial[threads] = timed("serial retrain", ["retrain"], serial_ws,
                                         crew.client_env(serial_ws / ".genpipe", OMP_NUM_THREADS=str(threads)))
-            make_project(parallel_ws, MODELS, [*common, "data.name=bench-parallel", f"deploy.training_pool={TRAINING_POOL}"],
+            make_project(parallel_ws, models, [*common, "data.name=bench-parallel", f"deploy.training_pool={TRAINING_POOL}"],
                          remote=f"s3://{BUCKET}/parallel", **remote)
             parallel_env = crew.client_env(parallel_ws / ".genpipe", OMP_NUM_THREADS=str(cores))
             timed("deploy", ["deploy"], parallel_ws, parallel_env)
             parallel = timed("parallel retrain", ["retrain"], parallel_ws, parallel_env)
             for threads, seconds in serial.items():
-                print(f"retrain of {len(MODELS)} models, in-process serial, {threads} torch thread(s): {seconds:7.1f} s")
-            print(f"retrain of {len(MODELS)} models, two workers at once, {per_worker} thread(s) each: {parallel:7.1f} s")
+                print(f"retrain of {len(models)} models, in-process serial, {threads} torch thread(s): {seconds:7.1f} s")
+            print(f"retrain of {len(models)} models, two workers at once, {per_worker} thread(s) each: {parallel:7.1f} s")
             for threads, seconds in serial.items():
                 print(f"  parallel / serial with {threads} thread(s): {parallel / seconds:.2f}x (goal <= 0.6x where the cores allow)")
 
