@@ -115,3 +115,45 @@ def test_merged_lock_entries_replace_only_their_stages(tmp_path):
     merge_lock_entries(open_repo(tmp_path), {"train@vae": {"cmd": "new"}, "evaluate@vae": {"cmd": "e"}})
     merged = yaml.safe_load((tmp_path / "dvc.lock").read_text())
     assert merged["stages"] == {"ingest": {"cmd": "a"}, "train@vae": {"cmd": "new"}, "evaluate@vae": {"cmd": "e"}}
+
+
+@pytest.mark.slow
+def test_serve_runs_the_schedule_in_one_process(tmp_path):
+    """`genpipe serve` registers the retrain schedule (deploy.cron, deploy.timezone) and polls for its
+    runs itself: no work pool, no worker."""
+    import signal
+    import time
+
+    from servers import clean_env, prefect_server
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ["params.yaml", "dvc.yaml"]:
+        (project / name).write_bytes((PARAMS.parent / name).read_bytes())
+    with prefect_server(tmp_path) as api:
+        env = clean_env(PREFECT_API_URL=api, GENPIPE_HOME=str(project / ".genpipe"),
+                        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        serve = subprocess.Popen([str(Path(sys.executable).parent / "genpipe"), "serve"], cwd=project, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            from prefect.client.orchestration import get_client
+            from prefect.exceptions import ObjectNotFound
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            deadline, deployment = time.monotonic() + 120, None
+            with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+                while deployment is None and time.monotonic() < deadline and serve.poll() is None:
+                    try:
+                        deployment = client.read_deployment_by_name("retrain/retrain")
+                    except ObjectNotFound:
+                        time.sleep(0.5)
+            assert deployment is not None, serve.stdout.read() if serve.poll() is not None else "no deployment"
+            assert deployment.work_pool_name is None  # served by this process, not by a pool's worker
+            [schedule] = deployment.schedules
+            assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 3 * * 1", "UTC")
+        finally:
+            serve.send_signal(signal.SIGINT)
+            try:
+                serve.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve.pid, signal.SIGKILL)
