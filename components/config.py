@@ -140,10 +140,18 @@ class Params(Frozen):
     registry: RegistryConfig
     deploy: DeployConfig
 
+    def registered_name(self, model: str) -> str:
+        return registered_name(self.data.name, model)
+
     def model(self, name: str) -> TrainConfig:
         if name not in self.train:
             raise ConfigError(f"train.{name}: no such model in {PARAMS_FILE}; configured: {sorted(self.train)}")
         return self.train[name]
+
+
+def registered_name(data_name: str, model: str) -> str:
+    """The registry's name of a model trained on a dataset, e.g. fashion-mnist-dcgan."""
+    return f"{data_name}-{model}"
 
 
 _RULES = {

@@ -158,12 +158,13 @@ def _json_number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*):[^@\s/]*@")
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)([^\s/:@]+)(:[^\s@]*)?@")
 
 
 def redact_text(text: str) -> str:
-    """Every `scheme://user:password@` in a text (an error naming a database URI) as `scheme://user:***@`."""
-    return _USERINFO.sub(r"\1:***@", text)
+    """Every `scheme://user:password@` in a text (an error naming a database URI) as `scheme://user:***@`,
+    and a token alone (`https://TOKEN@host`) as `https://***@host`."""
+    return _USERINFO.sub(lambda m: f"{m[1]}{m[2]}:***@" if m[3] else f"{m[1]}***@", text)
 
 
 def sign(secret: str, delivery_id: str, timestamp: str, body: str) -> str:

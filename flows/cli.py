@@ -97,7 +97,8 @@ def cmd_retrain(args) -> int:
         original = Path(PARAMS_FILE).read_text()
         _params(args.set, write=True, profile=args.profile)  # to params.yaml: DVC records what actually ran
         from components.versioning.worker_workspace import WorkspaceError
-        from flows.retrain import RetrainFailed, describe, retrain
+        from flows.retrain import RetrainFailed, retrain
+        from flows.runtime import describe
 
         try:
             result = retrain()

@@ -48,6 +48,7 @@ def deploy(cfg: DeployConfig, root: Path) -> list[str]:
     Flow.from_source(source=source, entrypoint=RETRAIN_ENTRYPOINT).deploy(
         name=DEPLOYMENT_NAMES["retrain"], work_pool_name=cfg.work_pool, schedules=[schedule(cfg)],
         concurrency_limit=one_at_a_time(), build=False, push=False, print_next_steps=False,
+        parameters={"persistent_workspace": cfg.source != "."},  # a git source: each run starts in a fresh clone
         description="ingest → classifier → train → evaluate → register, as DVC decides")
     done.append(f"deployment retrain/retrain on pool {cfg.work_pool}: cron {cfg.cron!r} ({cfg.timezone}), "
                 f"code from {source}")

@@ -5,11 +5,13 @@ this workspace's dvc.lock and their outputs pulled, so this workspace ends as if
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from components.config import PARAMS_FILE, Params
+from components.state import redact_uri
 from components.versioning import dvc_pipeline as dvc
 from flows.policies import IO_RETRIES
 from flows.workers import handback_key, model_stages, read_handback
@@ -19,6 +21,24 @@ TRAIN_DEPLOYMENT = "train-model/train-model"  # flow name / deployment name, as 
 
 class WorkerRunFailed(RuntimeError):
     """A model's flow run on the training pool did not complete; the message has its state and name."""
+
+
+def check_dispatchable(repo, params: Params) -> None:
+    """Refuse, before any stage runs, what workers could not reproduce: uncommitted code, a remote or
+    code source with credentials in its URL (job parameters are stored and shown by Prefect)."""
+    from components.versioning.worker_workspace import WorkspaceError, head_commit
+
+    head_commit(Path(repo.root_dir))
+    remote = dvc.remote_settings(repo)["url"]
+    if params.deploy.source != "." and "://" not in remote:
+        raise WorkspaceError(f"the default DVC remote is a folder ({remote}), but workers clone deploy.source and may "
+                             f"run anywhere: set GENPIPE_DVC_REMOTE=s3://bucket/path (or `dvc remote add -d --global`)")
+    for what, url in [("the default DVC remote's URL", remote),
+                      ("deploy.source", params.deploy.source)]:
+        parts = urlsplit(url)
+        if parts.username or parts.password:
+            raise WorkspaceError(f"{what} holds credentials ({redact_uri(url)}); workers get it as a flow-run "
+                                 f"parameter: give them credentials by environment (AWS_*, a git credential helper)")
 
 
 def training_job(repo, params: Params) -> dict:
@@ -54,11 +74,20 @@ def train_on_worker(model: str, job: dict, timeout_s: float) -> dict:
     if state is None or not state.is_completed():
         where = f"flow run {flow_run.name} ({flow_run.id})"
         if state is None or not state.is_final():
-            raise WorkerRunFailed(f"{where} not finished after {timeout_s:.0f} s (deploy.model_timeout_s); "
-                                  f"is a worker polling the training pool?")
+            _cancel(flow_run.id)  # it would hold the model's training slot and a worker on for nothing
+            raise WorkerRunFailed(f"{where} not finished after {timeout_s:.0f} s (deploy.model_timeout_s), "
+                                  f"cancelled; is a worker polling the training pool?")
         raise WorkerRunFailed(f"{where} ended {state.name}: {state.message or 'no message'}")
     get_run_logger().info("%s trained and evaluated by flow run %s", model, flow_run.name)
     return _handback(flow_run.id, model)
+
+
+def _cancel(flow_run_id) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(message="deploy.model_timeout_s passed"), force=True)
 
 
 def _handback(flow_run_id, model: str) -> dict:
@@ -78,14 +107,19 @@ def _handback(flow_run_id, model: str) -> dict:
 def take_back(model: str, entries: dict) -> None:
     """Merge a worker's lock entries into dvc.lock and check its outputs out from the remote."""
     repo = dvc.open_repo()
+    before = dvc.lock_text(repo)
     dvc.merge_lock_entries(repo, entries)
-    dvc.pull(dvc.open_repo(), list(entries))  # reopened: the index reads the merged lock
+    try:
+        dvc.pull(dvc.open_repo(), list(entries))  # reopened: the index reads the merged lock
+    except Exception:
+        dvc.restore_lock_text(repo, before)  # the lock must not name outputs this workspace does not hold
+        raise
     get_run_logger().info("%s: merged %s into dvc.lock and pulled their outputs", model, ", ".join(entries))
 
 
 def train_models_on_workers(repo, params: Params) -> tuple[list[str], dict[str, str]]:
     """Dispatch every out-of-date model at once; returns (stages run, failures by stage address)."""
-    from flows.retrain import describe
+    from flows.runtime import describe
 
     models = out_of_date(repo, list(params.train))
     unchanged = sorted(set(params.train) - set(models))

@@ -56,8 +56,11 @@ def io_retry_delays() -> list[float]:
     try:
         delays = [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"GENPIPE_IO_RETRY_DELAYS: expected comma-separated seconds like 2,10,30, got {text!r}") from None
+        delays = []
+    if not delays or min(delays) < 0:
+        raise ValueError(f"GENPIPE_IO_RETRY_DELAYS: expected comma-separated seconds >= 0 like 2,10,30, got {text!r}")
     return delays
 
 
-IO_RETRIES = {"retries": len(io_retry_delays()), "retry_delay_seconds": io_retry_delays()}
+_DELAYS = io_retry_delays()  # read once, when the flows are imported: a task's retries are fixed at definition
+IO_RETRIES = {"retries": len(_DELAYS), "retry_delay_seconds": _DELAYS}

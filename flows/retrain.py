@@ -16,7 +16,8 @@ from components.workspace import retrain_lock, sweep_checkpoints, sweep_stale
 from flows.policies import (IO_RETRIES, REGISTER_SLOT_WAIT_S, TRAIN_SLOT_WAIT_S, model_slot,
                             registration_limit_name, training_limit_name)
 from flows.notifications import announce
-from flows.workers import prepare_process
+from flows.runtime import describe, prepare_process
+
 
 @dataclass(frozen=True)
 class RetrainResult:
@@ -77,7 +78,7 @@ def register(model: str, params: Params) -> Registration:
         "git_commit": _git_commit(repo.root_dir),
         "training_run_id": _training_run_id(model_dir),
     }
-    name = f"{params.data.name}-{model}"
+    name = params.registered_name(model)
     metric = params.registry.gating_metric
 
     def rescore(version: str, protocol: dict) -> float:
@@ -89,14 +90,19 @@ def register(model: str, params: Params) -> Registration:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain() -> RetrainResult:
+def retrain(persistent_workspace: bool = False) -> RetrainResult:
     """Ingest → classifier → train → evaluate (as DVC decides) → push → register.
 
     A failing train@X / evaluate@X skips only the stages that need it; the other models are still
     pushed and registered, then the flow fails naming what failed. A failing shared stage (ingest,
     classifier) stops everything. With `deploy.training_pool` set, each model's train + evaluate is
     a flow run on that pool's workers, all at once (flows/dispatch.py).
+
+    persistent_workspace: set by `genpipe deploy` for a git source, whose runs start in a fresh clone:
+    the run moves to $GENPIPE_HOME/workspaces/retrain at the clone's commit, where DVC's state lives on.
     """
+    if persistent_workspace:
+        _enter_persistent_workspace()
     prepare_process()  # a deployment's run starts here, not in the CLI
     with retrain_lock():  # re-entrant: already held when `genpipe retrain` called this flow
         try:
@@ -111,14 +117,30 @@ def retrain() -> RetrainResult:
         return result
 
 
+def _enter_persistent_workspace() -> None:
+    import os
+
+    from components.config import ConfigError
+    from components.versioning.worker_workspace import persistent_copy
+
+    home = os.environ.get("GENPIPE_HOME")
+    if not home:
+        raise ConfigError("deploy.source is a git URL, so this run started in a throw-away clone: set GENPIPE_HOME "
+                          "on the retrain pool's workers to a lasting folder, where the run keeps its workspace")
+    workspace = persistent_copy(Path.cwd(), Path(home).resolve() / "workspaces" / "retrain")
+    os.chdir(workspace)
+    get_run_logger().info("working in %s at commit %s", workspace, _git_commit(str(workspace)))
+
+
 def _train_and_register(params: Params) -> RetrainResult:
     """The run under the workspace lock; `params` are the ones registered."""
     repo = dvc.open_repo()
     _sweep_leftovers(repo)
     if params.deploy.training_pool:
-        from flows.dispatch import train_models_on_workers
+        from flows.dispatch import check_dispatchable, train_models_on_workers
 
-        ran, failures, skipped = _run_stages(repo, params, shared_only=True)  # ingest, classifier
+        check_dispatchable(repo, params)  # before any work: refused code changes, a remote workers can use
+        ran, _, skipped = _run_stages(repo, params, shared_only=True)  # ingest, classifier: a failure raises
         push_artifacts()  # the workers pull the dataset and the classifier from the remote
         on_workers, failures = train_models_on_workers(repo, params)
         ran += on_workers
@@ -131,7 +153,7 @@ def _train_and_register(params: Params) -> RetrainResult:
         if model in blocked:
             continue
         try:
-            name = f"{params.data.name}-{model}"
+            name = params.registered_name(model)
             with model_slot(registration_limit_name(name), REGISTER_SLOT_WAIT_S, f"registering {name}"):
                 registrations.append(register(model, params))
         except Exception as exc:
@@ -167,7 +189,7 @@ def _training_slot(addressing: str, params: Params):
     stage, _, model = addressing.partition("@")
     if stage != "train" or model not in params.train:
         return contextlib.nullcontext()
-    name = f"{params.data.name}-{model}"
+    name = params.registered_name(model)
     return model_slot(training_limit_name(name), TRAIN_SLOT_WAIT_S, f"training {name}")
 
 
@@ -204,15 +226,6 @@ def _model_of(addressing: str, params: Params | None = None) -> str | None:
     """The model a per-model stage (`train@vae`, `register@vae`) belongs to; None for a shared stage."""
     _, at, key = addressing.partition("@")
     return key if at and (params is None or key in params.train) else None
-
-
-def describe(exc: BaseException | None) -> str:
-    """An error and its causes on one line: DVC's ReproductionError carries the command's in __cause__."""
-    parts = []
-    while exc is not None and len(parts) < 4:
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    return " <- ".join(parts)
 
 
 def _params_hash(params, model: str) -> str:

@@ -5,13 +5,13 @@ the retrain run merges into its own dvc.lock."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.policies import IO_RETRIES, TRAIN_SLOT_WAIT_S, model_slot, training_limit_name
+from flows.runtime import prepare_process
 
 HANDBACK_FENCE = "```yaml"
 INPUT_STAGES = ["ingest", "classifier"]
@@ -23,20 +23,6 @@ def model_stages(model: str) -> list[str]:
 
 def handback_key(model: str) -> str:
     return f"dvc-lock-{model.replace('_', '-')}"  # artifact keys: lowercase letters, digits, dashes
-
-
-def prepare_process() -> None:
-    """What the CLI does before a command, for a flow run started by a worker: state folder and the
-    tools' defaults, and `genpipe` on PATH for the stage commands DVC runs."""
-    from components.state import configure_environment
-
-    configure_environment()
-    # An unreachable MLflow fails a call in seconds, and the flow's own retries (GENPIPE_IO_RETRY_DELAYS)
-    # wait out the outage, instead of MLflow's 7 retries backing off for minutes inside one attempt.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -52,17 +38,22 @@ def check_out(model: str, job: dict) -> Path:
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
-def pull_inputs(workspace: Path) -> None:
+def pull_inputs(workspace: Path, stages: list[str]) -> None:
+    """The inputs, and the model's own stage outputs as the retrain's dvc.lock names them, where the
+    remote has them: an unchanged train@ is then not redone on a fresh worker."""
     from components.versioning import dvc_pipeline as dvc
 
     dvc.pull(dvc.open_repo(workspace), INPUT_STAGES)
+    dvc.pull(dvc.open_repo(workspace), stages, allow_missing=True)
 
 
 @task(cache_policy=NONE, task_run_name="{addressing}")  # no retries: training resumes from its checkpoint instead
 def reproduce(workspace: Path, addressing: str) -> bool:
     from components.versioning import dvc_pipeline as dvc
 
-    ran = dvc.reproduce_stage(dvc.open_repo(workspace), addressing)
+    # pull: a run identical to one another worker pushed (say, while this one waited for the model's
+    # slot) is restored from the remote's run cache instead of trained again
+    ran = dvc.reproduce_stage(dvc.open_repo(workspace), addressing, pull=True)
     get_run_logger().info("%s: %s", addressing, "ran" if ran else "unchanged, skipped")
     return ran
 
@@ -71,7 +62,7 @@ def reproduce(workspace: Path, addressing: str) -> bool:
 def push_outputs(workspace: Path, stages: list[str]) -> int:
     from components.versioning import dvc_pipeline as dvc
 
-    return dvc.push(dvc.open_repo(workspace), stages)
+    return dvc.push(dvc.open_repo(workspace), stages, run_cache=True)
 
 
 @flow(name="train-model", log_prints=True)
@@ -82,17 +73,17 @@ def train_model(model: str, job: dict) -> dict:
     run's files) and remote (its default DVC remote, without credentials)."""
     import yaml
 
+    from components.config import registered_name
     from components.versioning import dvc_pipeline as dvc
 
     prepare_process()
-    data_name = yaml.safe_load(job["params_yaml"])["data"]["name"]
-    registered = f"{data_name}-{model}"
+    registered = registered_name(yaml.safe_load(job["params_yaml"])["data"]["name"], model)
     with model_slot(training_limit_name(registered), TRAIN_SLOT_WAIT_S, f"training {registered}"):
         workspace = check_out(model, job)
         os.chdir(workspace)  # DVC names stages relative to the working directory; this run's own process
         os.environ["PYTHONPATH"] = str(workspace)  # stage commands import the checked-out code
-        pull_inputs(workspace)
         stages = model_stages(model)
+        pull_inputs(workspace, stages)
         for addressing in stages:
             reproduce(workspace, addressing)
         pushed = push_outputs(workspace, stages)

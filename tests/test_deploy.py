@@ -80,6 +80,10 @@ def test_workers_get_the_commit_while_only_params_and_lock_differ(project):
     (project / "params.yaml").write_text("a: 2\n")
     (project / "dvc.lock").write_text("schema: '2.0'\nstages: {x: {}}\n")
     assert head_commit(project) == git(project, "rev-parse", "HEAD")
+    (project / "components" / "new_module.py").write_text("y = 1\n")  # untracked: workers would lack it
+    with pytest.raises(WorkspaceError, match="uncommitted changes to components/new_module.py; workers check out"):
+        head_commit(project)
+    (project / "components" / "new_module.py").unlink()
     (project / "components" / "code.py").write_text("x = 2\n")
     with pytest.raises(WorkspaceError, match="uncommitted changes to components/code.py; workers check out"):
         head_commit(project)
@@ -103,6 +107,36 @@ def test_a_worker_workspace_follows_the_commit_and_takes_the_runs_files(project,
     assert 'url = s3://bucket/dvc' in (workspace / ".dvc" / "config.local").read_text()
     with pytest.raises(WorkspaceError, match="is not in"):
         prepare(workspace, str(project), "0" * 40, "a: 6\n", None, remote)
+
+
+def test_a_run_from_a_fresh_clone_keeps_its_dvc_state_in_one_lasting_workspace(project, tmp_path):
+    """Prefect clones a git source afresh for every run of the retrain deployment; the run works in
+    a lasting workspace at the clone's commit, whose dvc.lock (and outputs) outlive the clone."""
+    from components.versioning.worker_workspace import persistent_copy
+
+    lasting = tmp_path / "home" / "workspaces" / "retrain"
+    first_clone = tmp_path / "clone-1"
+    git(tmp_path, "clone", "-q", str(project), str(first_clone))
+    persistent_copy(first_clone, lasting)
+    (lasting / "dvc.lock").write_text("schema: '2.0'\nstages: {ingest: {cmd: run-1}}\n")  # what the run wrote
+    (project / "params.yaml").write_text("a: 7\n")
+    git(project, "commit", "-qam", "params changed")
+    second_clone = tmp_path / "clone-2"
+    git(tmp_path, "clone", "-q", str(project), str(second_clone))
+
+    persistent_copy(second_clone, lasting)
+    assert git(lasting, "rev-parse", "HEAD") == git(project, "rev-parse", "HEAD")
+    assert (lasting / "params.yaml").read_text() == "a: 7\n"
+    assert "run-1" in (lasting / "dvc.lock").read_text()
+
+
+def test_genpipe_dvc_remote_is_the_default_remote(tmp_path, monkeypatch):
+    from components.versioning.dvc_pipeline import open_repo, remote_settings
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.setenv("GENPIPE_DVC_REMOTE", "s3://team-bucket/dvc")
+    assert remote_settings(open_repo(tmp_path)) == {"name": "genpipe", "url": "s3://team-bucket/dvc"}
 
 
 def test_merged_lock_entries_replace_only_their_stages(tmp_path):

@@ -9,16 +9,22 @@ import yaml
 
 LOCK_FILE = "dvc.lock"
 EMBEDDED_REMOTE = "local"  # .dvc/config's default remote: a folder under the state folder
+ENV_REMOTE = "genpipe"  # the remote GENPIPE_DVC_REMOTE names
 
 
 def open_repo(root: str | Path = "."):
-    """The DVC repo at root, with the embedded remote (`local`, `.genpipe/dvc-remote` in .dvc/config)
-    moved to $GENPIPE_HOME/dvc-remote, so it follows the state folder like everything else."""
+    """The DVC repo at root. GENPIPE_DVC_REMOTE (a URL) becomes its default remote: configuration a
+    fresh clone sees, as a deployment's run from a git source is. Otherwise the embedded remote (`local`,
+    `.genpipe/dvc-remote` in .dvc/config) moves to $GENPIPE_HOME/dvc-remote, following the state folder."""
+    import os
+
     from dvc.repo import Repo
 
     from components.state import state_dir
 
-    repo = Repo(str(root))
+    url = os.environ.get("GENPIPE_DVC_REMOTE", "").strip()
+    override = {"core": {"remote": ENV_REMOTE}, "remote": {ENV_REMOTE: {"url": url}}} if url else None
+    repo = Repo(str(root), config=override)
     repo.scm_context.quiet = True  # no "git add dvc.lock" hints in every task's log
     embedded = repo.config["remote"].get(EMBEDDED_REMOTE)
     if embedded and Path(embedded["url"]).resolve() == (Path(repo.root_dir) / ".genpipe" / "dvc-remote").resolve():
@@ -50,8 +56,9 @@ def stage_needs(repo) -> dict[str, list[str]]:
             for stage in reversed(list(nx.topological_sort(graph))) if stage.cmd}
 
 
-def reproduce_stage(repo, addressing: str) -> bool:
-    """Run one stage if DVC sees a change in its deps, params or outs; True when it ran.
+def reproduce_stage(repo, addressing: str, pull: bool = False) -> bool:
+    """Run one stage if DVC sees a change in its deps, params or outs; True when it ran. pull: an
+    identical run in the remote's run cache is restored (its outputs fetched) instead of run again.
 
     DVC deletes a stage's outs before running it; if the command fails, the outs of the last
     good run are checked out of the cache again (uncached metric files from a copy taken here),
@@ -61,7 +68,7 @@ def reproduce_stage(repo, addressing: str) -> bool:
     uncached = {Path(o.fs_path): Path(o.fs_path).read_bytes()
                 for o in stage.outs if not o.use_cache and Path(o.fs_path).is_file()}
     try:
-        return bool(repo.reproduce(addressing, single_item=True))
+        return bool(repo.reproduce(addressing, single_item=True, pull=pull))
     except Exception:
         try:
             repo.checkout(targets=[addressing], force=True)
@@ -95,14 +102,16 @@ def remote_url(repo) -> str:
     return redact_uri(str(repo.config["remote"][name]["url"])) if name else ""
 
 
-def push(repo, targets: list[str] | None = None) -> int:
-    """Push cached outputs (of the target stages, or all) to the default remote; returns the number of files sent."""
-    return repo.push(targets=targets)
+def push(repo, targets: list[str] | None = None, run_cache: bool = False) -> int:
+    """Push cached outputs (of the target stages, or all) to the default remote; returns the number of
+    files sent. run_cache: DVC's run cache too, so another workspace can restore an identical run."""
+    return repo.push(targets=targets, run_cache=run_cache)
 
 
-def pull(repo, targets: list[str]) -> None:
-    """Fetch the target stages' outputs from the default remote and check them out."""
-    repo.pull(targets=targets)
+def pull(repo, targets: list[str], allow_missing: bool = False) -> None:
+    """Fetch the target stages' outputs from the default remote and check them out; allow_missing:
+    outputs the remote does not have are no error."""
+    repo.pull(targets=targets, allow_missing=allow_missing)
 
 
 def is_current(repo, addressing: str) -> bool:
@@ -116,20 +125,39 @@ def lock_entries(root: str | Path, addressings: list[str]) -> dict[str, dict]:
     return {a: lock["stages"][a] for a in addressings}
 
 
+def lock_text(repo) -> str | None:
+    path = Path(repo.root_dir) / LOCK_FILE
+    return path.read_text() if path.exists() else None
+
+
+def restore_lock_text(repo, text: str | None) -> None:
+    """Put dvc.lock back as lock_text() read it (None: there was none)."""
+    path = Path(repo.root_dir) / LOCK_FILE
+    with workspace_locked(repo):
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            _replace(path, text)
+
+
 def merge_lock_entries(repo, entries: dict[str, dict]) -> None:
     """Put stage entries that another workspace produced into this workspace's dvc.lock, atomically,
     under DVC's workspace lock; the other stages' entries stay as they are."""
-    import os
-
     from dvc.utils.serialize import dumps_yaml
 
     path = Path(repo.root_dir) / LOCK_FILE
     with workspace_locked(repo):
         lock = yaml.safe_load(path.read_text()) if path.exists() else {"schema": "2.0", "stages": {}}
         lock["stages"].update(entries)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(dumps_yaml(lock))
-        os.replace(tmp, path)
+        _replace(path, dumps_yaml(lock))
+
+
+def _replace(path: Path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def stage_paths(repo, addressing: str) -> dict[str, Path]:
