@@ -14,7 +14,7 @@ from components.config import PARAMS_FILE, Params
 from components.state import redact_uri
 from components.versioning import dvc_pipeline as dvc
 from flows.policies import IO_RETRIES
-from flows.workers import handback_key, model_stages, read_handback
+from flows.workers import handback_key, read_handback
 
 TRAIN_DEPLOYMENT = "train-model/train-model"  # flow name / deployment name, as `genpipe deploy` creates it
 
@@ -60,7 +60,8 @@ def training_job(repo, params: Params) -> dict:
 
 def out_of_date(repo, models: list[str]) -> list[str]:
     """The models whose train/evaluate stages DVC would run here: the others need no worker."""
-    return [m for m in models if not all(dvc.is_current(repo, a) for a in model_stages(m))]
+    needs = dvc.stage_needs(repo)
+    return [m for m in models if not all(dvc.is_current(repo, a) for a in dvc.model_stages(needs, m))]
 
 
 @task(cache_policy=NONE, task_run_name="train-model {model}")  # no retries: the worker's run resumes from its checkpoint
@@ -132,8 +133,9 @@ def train_models_on_workers(repo, params: Params) -> tuple[list[str], dict[str, 
     ran, failures = [], {}
     for model, future in futures.items():
         try:
-            take_back(model, future.result())
-            ran += model_stages(model)
+            entries = future.result()
+            take_back(model, entries)
+            ran += list(entries)
         except Exception as exc:
             failures[f"train@{model}"] = describe(exc)
     return ran, failures

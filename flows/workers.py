@@ -1,6 +1,6 @@
-"""The `train-model` flow: one model's train@NAME + evaluate@NAME on a worker, in the worker's own
-workspace at the retrain run's commit. Inputs come from the DVC remote, outputs go back to it, and
-the two stages' dvc.lock entries are handed back as this flow run's `dvc-lock-NAME` artifact, which
+"""The `train-model` flow: one model's stages (train@NAME, evaluate@NAME: what dvc.yaml gives it) on a
+worker, in the worker's own workspace at the retrain run's commit. Inputs come from the DVC remote,
+outputs go back to it, and the stages' dvc.lock entries are handed back as this flow run's `dvc-lock-NAME` artifact, which
 the retrain run merges into its own dvc.lock."""
 from __future__ import annotations
 
@@ -14,13 +14,6 @@ from flows.policies import IO_RETRIES, TRAIN_SLOT_WAIT_S, model_slot, training_l
 from flows.runtime import prepare_process
 
 HANDBACK_FENCE = "```yaml"
-INPUT_STAGES = ["ingest", "classifier"]
-
-
-def model_stages(model: str) -> list[str]:
-    return [f"train@{model}", f"evaluate@{model}"]
-
-
 def handback_key(model: str) -> str:
     return f"dvc-lock-{model.replace('_', '-')}"  # artifact keys: lowercase letters, digits, dashes
 
@@ -38,12 +31,12 @@ def check_out(model: str, job: dict) -> Path:
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
-def pull_inputs(workspace: Path, stages: list[str]) -> None:
-    """The inputs, and the model's own stage outputs as the retrain's dvc.lock names them, where the
-    remote has them: an unchanged train@ is then not redone on a fresh worker."""
+def pull_inputs(workspace: Path, inputs: list[str], stages: list[str]) -> None:
+    """The outputs of the stages the model's stages read, and the model's own as the retrain's dvc.lock
+    names them, where the remote has them: an unchanged train@ is then not redone on a fresh worker."""
     from components.versioning import dvc_pipeline as dvc
 
-    dvc.pull(dvc.open_repo(workspace), INPUT_STAGES)
+    dvc.pull(dvc.open_repo(workspace), inputs)
     dvc.pull(dvc.open_repo(workspace), stages, allow_missing=True)
 
 
@@ -82,8 +75,9 @@ def train_model(model: str, job: dict) -> dict:
         workspace = check_out(model, job)
         os.chdir(workspace)  # DVC names stages relative to the working directory; this run's own process
         os.environ["PYTHONPATH"] = str(workspace)  # stage commands import the checked-out code
-        stages = model_stages(model)
-        pull_inputs(workspace, stages)
+        needs = dvc.stage_needs(dvc.open_repo(workspace))  # dvc.yaml says which stages are the model's
+        stages = dvc.model_stages(needs, model)
+        pull_inputs(workspace, dvc.inputs_of(needs, stages), stages)
         for addressing in stages:
             reproduce(workspace, addressing)
         pushed = push_outputs(workspace, stages)

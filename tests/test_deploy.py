@@ -191,3 +191,13 @@ def test_serve_runs_the_schedule_in_one_process(tmp_path):
                 serve.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(serve.pid, signal.SIGKILL)
+
+
+def test_a_models_stages_and_their_inputs_come_from_the_dag():
+    from components.versioning.dvc_pipeline import inputs_of, model_stages
+
+    needs = {"ingest": [], "classifier": ["ingest"], "train@ae": ["classifier", "ingest"],
+             "evaluate@ae": ["classifier", "ingest", "train@ae"], "train@ldm": ["ingest", "train@ae"],
+             "evaluate@ldm": ["classifier", "ingest", "train@ldm"]}
+    assert model_stages(needs, "ldm") == ["train@ldm", "evaluate@ldm"]
+    assert inputs_of(needs, model_stages(needs, "ldm")) == ["classifier", "ingest", "train@ae"]

@@ -56,6 +56,16 @@ def stage_needs(repo) -> dict[str, list[str]]:
             for stage in reversed(list(nx.topological_sort(graph))) if stage.cmd}
 
 
+def model_stages(needs: dict[str, list[str]], model: str) -> list[str]:
+    """A model's own stages (`train@vae`, `evaluate@vae`, ...) in run order, from stage_needs()."""
+    return [a for a in needs if a.partition("@")[2] == model]
+
+
+def inputs_of(needs: dict[str, list[str]], stages: list[str]) -> list[str]:
+    """The stages whose outputs `stages` read, other than themselves (ingest, classifier, another model's train)."""
+    return sorted({n for a in stages for n in needs[a]} - set(stages))
+
+
 def reproduce_stage(repo, addressing: str, pull: bool = False) -> bool:
     """Run one stage if DVC sees a change in its deps, params or outs; True when it ran. pull: an
     identical run in the remote's run cache is restored (its outputs fetched) instead of run again.
