@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -182,59 +180,28 @@ def test_alias_webhooks_need_a_tracking_server(tmp_path):
 
 # ---- real servers ----------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "GENPIPE_"))}
     return {**env, "PYTHONPATH": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """`mlflow server` (SQLite, allowed to call loopback receivers over http) and `prefect server`,
-    started together, stopped by their process groups."""
+    """`mlflow server` (SQLite, allowed to call loopback receivers over http) and `prefect server`
+    (tests/servers.py: each stopped by its own process id)."""
+    from contextlib import ExitStack
+
     from cryptography.fernet import Fernet
 
+    from servers import mlflow_server, prefect_server
+
     root = tmp_path_factory.mktemp("servers")
-    mlflow_port, prefect_port = _free_port(), _free_port()
-    mlflow = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        env=_clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https",
-                       MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
-                       MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=Fernet.generate_key().decode()),
-        stdout=subprocess.DEVNULL, stderr=(root / "mlflow.log").open("w"), start_new_session=True)
-    prefect = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-        cwd=root, env=_clean_env(PREFECT_HOME=str(root / "prefect")), stdout=(root / "prefect.log").open("w"),
-        stderr=subprocess.STDOUT, start_new_session=True)
-    urls = {"mlflow": f"http://127.0.0.1:{mlflow_port}", "prefect": f"http://127.0.0.1:{prefect_port}/api"}
-    try:
-        deadline = time.monotonic() + DEADLINE_S
-        for name, proc in (("mlflow", mlflow), ("prefect", prefect)):
-            while not _healthy(f"{urls[name]}/health"):
-                assert proc.poll() is None, (root / f"{name}.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, f"{name} server not healthy within {DEADLINE_S} s"
-                time.sleep(0.2)
-        yield {**urls, "root": root}
-    finally:
-        for proc in (mlflow, prefect):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+    webhooks = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+                "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode()}
+    with ExitStack() as stack:
+        mlflow = stack.enter_context(mlflow_server(root / "mlflow", env=webhooks))
+        prefect = stack.enter_context(prefect_server(root / "prefect"))
+        yield {"mlflow": mlflow, "prefect": prefect, "root": root}
 
 
 @pytest.fixture(scope="module")
