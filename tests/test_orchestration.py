@@ -149,10 +149,18 @@ def test_deploy_creates_the_scheduled_deployments_idempotently(installation):
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 3 * * 1", "Europe/Berlin")
 
 
+def trigger_retrain(ws: Path, env: dict) -> subprocess.CompletedProcess:
+    """Start the retrain deployment as its schedule does, and wait for the run's end."""
+    return subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", "retrain/retrain",
+                           "--watch", "--watch-timeout", "600"], cwd=ws, env=env, capture_output=True, text=True,
+                          timeout=700)
+
+
 def test_models_train_at_once_on_two_workers_and_are_registered(installation):
+    """The retrain deployment's run (on the retrain pool's worker) sends each model to a training worker."""
     crew, ws, env, receiver = installation
-    result = genpipe(["retrain"], ws, env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+    result = trigger_retrain(ws, env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     runs = train_model_runs(crew)
     assert sorted(r.parameters["model"] for r in runs) == sorted(MODELS)
@@ -208,9 +216,7 @@ def test_the_scheduled_deployment_with_nothing_changed_trains_nothing(installati
     crew, ws, env, receiver = installation
     before, messages, versions = len(train_model_runs(crew)), len(receiver.received), version_counts(crew)
     started = time.monotonic()
-    run = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", "retrain/retrain",
-                          "--watch", "--watch-timeout", "300"], cwd=ws, env=env, capture_output=True, text=True,
-                         timeout=400)
+    run = trigger_retrain(ws, env)
     elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert len(train_model_runs(crew)) == before, "an unchanged run dispatched training"
