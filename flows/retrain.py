@@ -61,24 +61,31 @@ def push_artifacts() -> int:
 @task(cache_policy=NONE, **IO_RETRIES)
 def register(model: str, params: Params) -> Registration:
     """Register one evaluated model in MLflow and decide its aliases, under the params the run started with."""
-    from components.pipeline import dataset_version, rescore_registered
+    from components.tracking.registry import registered_already
 
     repo = dvc.open_repo()
+    name = params.registered_name(model)
+    model_dir = dvc.stage_paths(repo, f"train@{model}")["out"]
+    model_md5 = dvc.locked_md5(repo.root_dir, f"train@{model}", model_dir)
+    done = registered_already(name, model_md5)  # the common case of a scheduled run: nothing new to judge
+    if done is not None:
+        get_run_logger().info("%s v%s: %s (%s)", done.name, done.version, done.decision, done.reason)
+        return done
+    from components.pipeline import dataset_version, rescore_registered
+
     data_dir = dvc.stage_paths(repo, "ingest")["out"]
     classifier_dir = dvc.stage_paths(repo, "classifier")["out"]
-    model_dir = dvc.stage_paths(repo, f"train@{model}")["out"]
     eval_dir = dvc.stage_paths(repo, f"evaluate@{model}")["metrics"].parent
     lineage = {
         "dataset_version": dataset_version(data_dir),  # content hash: the same value as model.json's
         "dataset_md5": dvc.locked_md5(repo.root_dir, "ingest", data_dir),
         "dvc_remote": dvc.remote_url(repo),  # where that dataset version and the model files are stored
         "evaluator_md5": dvc.locked_md5(repo.root_dir, "classifier", classifier_dir),
-        "model_md5": dvc.locked_md5(repo.root_dir, f"train@{model}", model_dir),
+        "model_md5": model_md5,
         "params_hash": _params_hash(params, model),
         "git_commit": _git_commit(repo.root_dir),
         "training_run_id": _training_run_id(model_dir),
     }
-    name = params.registered_name(model)
     metric = params.registry.gating_metric
 
     def rescore(version: str, protocol: dict) -> float:

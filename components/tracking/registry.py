@@ -81,6 +81,15 @@ def decide(metric: str, new_value: float, champion_value: float | None, margin: 
     return False, f"{metric} {new_value:.4g} does not beat champion's {champion_value:.4g} by {margin}"
 
 
+def registered_already(name: str, model_md5: str) -> Registration | None:
+    """The version of this model artefact, when it is registered and its promotion decided; else None
+    (register_model then registers it, or finishes a decision a crash left pending)."""
+    mv = _find_version(client(), name, model_md5)
+    if mv is None or DECISION not in mv.tags or PENDING in mv.tags:
+        return None
+    return Registration(name, str(mv.version), "unchanged", "this model artefact is registered already")
+
+
 def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str, str], cfg: RegistryConfig,
                    rescore: Callable[[str, dict], float]) -> Registration:
     """Log the model as a pyfunc in its training run, create its registry version, judge it against
