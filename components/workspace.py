@@ -88,6 +88,13 @@ def is_temp_of(name: str, target: str) -> bool:
     return name == f"{base}tmp" or name.startswith((f"{base}tmp-", f"{base}old-"))
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file whole or not at all, through `.{name}.tmp` (a name is_temp_of knows)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def sweep_stale(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Remove the temp siblings that a killed run left next to each path; returns what went.
 

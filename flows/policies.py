@@ -18,6 +18,14 @@ def training_limit_name(registered_name: str) -> str:
     return f"genpipe-train-{registered_name}"
 
 
+def training_slot(registered_name: str):
+    return model_slot(training_limit_name(registered_name), TRAIN_SLOT_WAIT_S, f"training {registered_name}")
+
+
+def registration_slot(registered_name: str):
+    return model_slot(registration_limit_name(registered_name), REGISTER_SLOT_WAIT_S, f"registering {registered_name}")
+
+
 @contextlib.contextmanager
 def model_slot(limit: str, wait_s: float, doing: str) -> Iterator[None]:
     """Hold the one slot of the global concurrency limit `limit` for a block, waiting up to wait_s.

@@ -13,8 +13,7 @@ from components.params import load_params
 from components.tracking.registry import Registration, register_model
 from components.versioning import dvc_pipeline as dvc
 from components.workspace import retrain_lock, sweep_checkpoints, sweep_stale
-from flows.policies import (IO_RETRIES, REGISTER_SLOT_WAIT_S, TRAIN_SLOT_WAIT_S, model_slot,
-                            registration_limit_name, training_limit_name)
+from flows.policies import IO_RETRIES, registration_slot, training_slot
 from flows.notifications import announce
 from flows.runtime import describe, prepare_process
 
@@ -160,8 +159,7 @@ def _train_and_register(params: Params) -> RetrainResult:
         if model in blocked:
             continue
         try:
-            name = params.registered_name(model)
-            with model_slot(registration_limit_name(name), REGISTER_SLOT_WAIT_S, f"registering {name}"):
+            with registration_slot(params.registered_name(model)):
                 registrations.append(register(model, params))
         except Exception as exc:
             failures[f"register@{model}"] = describe(exc)
@@ -196,8 +194,7 @@ def _training_slot(addressing: str, params: Params):
     stage, _, model = addressing.partition("@")
     if stage != "train" or model not in params.train:
         return contextlib.nullcontext()
-    name = params.registered_name(model)
-    return model_slot(training_limit_name(name), TRAIN_SLOT_WAIT_S, f"training {name}")
+    return training_slot(params.registered_name(model))
 
 
 def publish_summary(result: RetrainResult) -> None:

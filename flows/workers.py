@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.policies import IO_RETRIES, TRAIN_SLOT_WAIT_S, model_slot, training_limit_name
+from flows.policies import IO_RETRIES, training_slot
 from flows.runtime import prepare_process
 
 HANDBACK_FENCE = "```yaml"
@@ -71,7 +71,7 @@ def train_model(model: str, job: dict) -> dict:
 
     prepare_process()
     registered = registered_name(yaml.safe_load(job["params_yaml"])["data"]["name"], model)
-    with model_slot(training_limit_name(registered), TRAIN_SLOT_WAIT_S, f"training {registered}"):
+    with training_slot(registered):
         workspace = check_out(model, job)
         os.chdir(workspace)  # DVC names stages relative to the working directory; this run's own process
         os.environ["PYTHONPATH"] = str(workspace)  # stage commands import the checked-out code

@@ -7,6 +7,8 @@ from typing import Iterator
 
 import yaml
 
+from components.workspace import write_text_atomic
+
 LOCK_FILE = "dvc.lock"
 EMBEDDED_REMOTE = "local"  # .dvc/config's default remote: a folder under the state folder
 ENV_REMOTE = "genpipe"  # the remote GENPIPE_DVC_REMOTE names
@@ -147,7 +149,7 @@ def restore_lock_text(repo, text: str | None) -> None:
         if text is None:
             path.unlink(missing_ok=True)
         else:
-            _replace(path, text)
+            write_text_atomic(path, text)
 
 
 def merge_lock_entries(repo, entries: dict[str, dict]) -> None:
@@ -159,15 +161,7 @@ def merge_lock_entries(repo, entries: dict[str, dict]) -> None:
     with workspace_locked(repo):
         lock = yaml.safe_load(path.read_text()) if path.exists() else {"schema": "2.0", "stages": {}}
         lock["stages"].update(entries)
-        _replace(path, dumps_yaml(lock))
-
-
-def _replace(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_text_atomic(path, dumps_yaml(lock))
 
 
 def stage_paths(repo, addressing: str) -> dict[str, Path]:

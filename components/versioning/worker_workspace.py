@@ -14,6 +14,7 @@ from pathlib import Path
 
 from components.config import PARAMS_FILE
 from components.versioning.dvc_pipeline import LOCK_FILE
+from components.workspace import write_text_atomic
 
 
 class WorkspaceError(RuntimeError):
@@ -80,13 +81,13 @@ def prepare(workspace: Path, source: str, commit: str, params_text: str, lock_te
     except WorkspaceError as exc:
         raise WorkspaceError(f"commit {commit[:12]} is not in {source}: push it where workers clone from ({exc})") from None
     git("clean", "-fdq", cwd=workspace)
-    _write(workspace / PARAMS_FILE, params_text)
+    write_text_atomic(workspace / PARAMS_FILE, params_text)
     if lock_text is None:
         (workspace / LOCK_FILE).unlink(missing_ok=True)
     else:
-        _write(workspace / LOCK_FILE, lock_text)
+        write_text_atomic(workspace / LOCK_FILE, lock_text)
     if remote is not None:
-        _write(workspace / ".dvc" / "config.local", _remote_config(remote))
+        write_text_atomic(workspace / ".dvc" / "config.local", _remote_config(remote))
     return workspace
 
 
@@ -110,9 +111,3 @@ def _remote_config(remote: dict[str, str]) -> str:
     lines = ["[core]", f"    remote = {name}", f"['remote \"{name}\"']"]
     lines += [f"    {key} = {value}" for key, value in remote.items() if key != "name"]
     return "\n".join(lines) + "\n"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
