@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -335,10 +336,11 @@ def test_registered_samples_come_from_the_models_own_code_snapshot(tmp_path, sto
     expected = sample_uint8(load_trained_model(model_dir), 6, seed=4).numpy()
     assert samples.dtype == expected.dtype and (samples == expected).all()
 
-    broken_dir, eval_dir, lineage = make_candidate(tmp_path, 2, 50.0)
-    spec = json.loads((broken_dir / "model.json").read_text())
-    (broken_dir / "model.json").write_text(json.dumps({**spec, "family": "retired-family"}))
-    register((broken_dir, eval_dir, lineage))
+    # A version whose family today's code no longer has: registered, then its stored spec edited.
+    register(make_candidate(tmp_path, 2, 50.0))
+    stored = Path(urlparse(store.get_model_version_download_uri(NAME, "2")).path)
+    (stored_spec,) = stored.glob("artifacts/*/model.json")
+    stored_spec.write_text(json.dumps({**json.loads(stored_spec.read_text()), "family": "retired-family"}))
     with pytest.raises(RegisteredModelUnloadable, match="retired-family") as unloadable:
         registered_images(f"models:/{NAME}/2", reference[:2], seed=0)
     assert "genpipe-champion-" not in str(unloadable.value), "no temp path of this machine in the reason"

@@ -15,7 +15,7 @@ from model_configs import model_config
 from test_registry import CFG, PROTOCOL
 from components.data.sources import FASHION_MNIST_CLASSES
 from components.models import FAMILIES, build_model
-from components.tracking.pyfunc_model import MAX_COUNT, RequestSchema, parse_request
+from components.tracking.requests import MAX_COUNT, RequestSchema, parse_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = list(FASHION_MNIST_CLASSES)
@@ -36,19 +36,19 @@ def images(n: int, shape=(1, 28, 28), dtype=np.uint8) -> np.ndarray:
 # --- validation, from the family's declaration -----------------------------------------------------
 
 def test_schemas_follow_the_family_declarations():
-    assert schema("dcgan").fields == ("count", "seed")
-    assert schema("cvae").fields == ("count", "seed", "labels")
-    assert schema("ae").fields == ("images", "output")
+    assert schema("dcgan").fields == ("count", "seed", "format")
+    assert schema("cvae").fields == ("count", "seed", "format", "labels")
+    assert schema("ae").fields == ("images", "output", "format")
     assert schema("cvae").classes[9] == "Ankle boot"
 
 
 @pytest.mark.parametrize("family, request_, message", [
     ("dcgan", {"count": 2, "colour": "red"},
-     "unknown request field(s) ['colour'] for this dcgan model (it generates images); valid: count, seed"),
+     "unknown request field(s) ['colour'] for this dcgan model (it generates images); valid: count, seed, format"),
     ("cvae", {"steps": 3}, "unknown request field(s) ['steps'] for this cvae model (it generates images); "
-                           "valid: count, seed, labels"),
+                           "valid: count, seed, format, labels"),
     ("ae", {"count": 4}, "unknown request field(s) ['count'] for this ae model (it reconstructs the images it "
-                         "is sent, it does not sample); valid: images, output"),
+                         "is sent, it does not sample); valid: images, output, format"),
     ("dcgan", {"labels": [1]}, "labels: this dcgan model does not take 'labels' (it is unconditional); "
                                "drop 'labels' from the request"),
     ("vae", {"prompt": "ankle boot"}, "prompt: this vae model does not take 'prompt' (it is unconditional)"),
@@ -82,17 +82,44 @@ def test_bad_generate_requests_name_the_field_and_the_rule(request_, message):
 
 def test_labels_and_counts_are_normalised():
     cvae = schema("cvae")
-    assert parse_request({}, cvae) == {"count": 16, "seed": 0}
-    assert parse_request({"labels": [7, 7, 9]}, cvae) == {"count": 3, "seed": 0, "labels": [7, 7, 9]}
+    assert parse_request({}, cvae) == {"count": 16, "seed": 0, "format": "uint8"}
+    assert parse_request({"labels": [7, 7, 9]}, cvae) == {"count": 3, "seed": 0, "labels": [7, 7, 9], "format": "uint8"}
     # What MLflow's scoring server and pandas hand over: 0-d arrays, 1-element lists, numpy ints.
     served = {"count": np.array(2), "seed": [5], "labels": np.array([0, 9])}
-    assert parse_request(served, cvae) == {"count": 2, "seed": 5, "labels": [0, 9]}
+    assert parse_request(served, cvae) == {"count": 2, "seed": 5, "labels": [0, 9], "format": "uint8"}
     frame = pd.DataFrame([{"count": 2, "seed": 1, "labels": [4, 4]}])
-    assert parse_request(frame, cvae) == {"count": 2, "seed": 1, "labels": [4, 4]}
+    assert parse_request(frame, cvae) == {"count": 2, "seed": 1, "labels": [4, 4], "format": "uint8"}
     with pytest.raises(ValueError, match="a DataFrame request must have one row, got 2"):
         parse_request(pd.DataFrame([{"count": 1}, {"count": 2}]), cvae)
     with pytest.raises(ValueError, match="request must be a mapping"):
         parse_request([1, 2], cvae)
+    # {"inputs": [{...}]}: a list holding one request
+    assert parse_request([{"count": 2}], cvae)["count"] == 2
+
+
+def test_params_add_fields_and_must_agree_with_the_input():
+    cvae = schema("cvae")
+    # MLflow passes every declared param, None where the request left it out.
+    parsed = parse_request({"count": np.array(2)}, cvae, params={"seed": 7, "format": "png", "count": None})
+    assert parsed == {"count": 2, "seed": 7, "format": "png"}
+    assert parse_request({}, cvae, params={"count": 3})["count"] == 3
+    assert parse_request({"count": np.array(3)}, cvae, params={"count": 3})["count"] == 3  # the same value twice
+    with pytest.raises(ValueError, match=r"^count: sent in both the input \(2\) and params \(3\); send it once"):
+        parse_request({"count": np.array(2)}, cvae, params={"count": 3})
+
+
+@pytest.mark.parametrize("family, request_, message", [
+    ("cvae", {"format": "jpeg"}, "format: must be one of uint8, png, png_grid, got 'jpeg'"),
+    ("ae", {"images": images(1), "output": "latent", "format": "png"},
+     "format: 'png' encodes images; output 'latent' returns float codes, send format 'uint8'"),
+    # A huge request is refused by its length, and the error does not echo it back.
+    ("cvae", {"count": 2, "labels": list(range(100_000))}, "labels: need one class id per image (2), got 100000"),
+    ("cvae", {"count": list(range(100_000))}, "characters)"),
+])
+def test_bad_formats_and_huge_requests_name_the_field(family, request_, message):
+    with pytest.raises(ValueError) as error:
+        parse_request(request_, schema(family))
+    assert message in str(error.value) and len(str(error.value)) < 500
 
 
 def prompt_schema() -> RequestSchema:
@@ -105,7 +132,7 @@ def test_prompts_one_for_all_or_one_per_image():
     s = prompt_schema()
     assert parse_request({"count": 3, "prompt": "ankle boot"}, s)["prompt"] == ["ankle boot"] * 3
     assert parse_request({"count": 2, "prompt": ["bag"]}, s)["prompt"] == ["bag", "bag"]
-    assert parse_request({"prompt": ["bag", "a shirt"]}, s) == {"count": 2, "seed": 0, "prompt": ["bag", "a shirt"]}
+    assert parse_request({"prompt": ["bag", "a shirt"]}, s) == {"count": 2, "seed": 0, "prompt": ["bag", "a shirt"], "format": "uint8"}
     assert parse_request({"count": 2, "prompt": np.array("bag")}, s)["prompt"] == ["bag", "bag"]
     for request_, message in [
         ({"count": 3, "prompt": ["bag", "coat"]}, "prompt: need one string for all images or one per image (3), got 2"),

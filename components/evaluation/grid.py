@@ -1,9 +1,11 @@
 """The images a model makes (samples, reconstructions) as uint8 tensors, and grids of them as PNG files."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
@@ -15,15 +17,27 @@ class NonFiniteSamples(ValueError):
     """A model produced NaN or infinite pixels: they would silently become black or white uint8s."""
 
 
-def save_grid(images_u8: torch.Tensor, path: Path, nrow: int | None = None) -> None:
-    """Write N×C×H×W uint8 images as one PNG grid (atomically)."""
+def grid_image(images_u8: torch.Tensor | np.ndarray, nrow: int | None = None) -> Image.Image:
+    """N×C×H×W uint8 images as one picture, in a grid of `nrow` per row (one image: that image)."""
+    images_u8 = torch.as_tensor(images_u8)
     nrow = nrow or math.ceil(math.sqrt(images_u8.shape[0]))
     grid = make_grid(images_u8, nrow=nrow, padding=2, pad_value=255)  # C×H×W uint8
     array = grid.permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[..., 0] if array.shape[2] == 1 or images_u8.shape[1] == 1 else array)
+    return Image.fromarray(array[..., 0] if array.shape[2] == 1 or images_u8.shape[1] == 1 else array)
+
+
+def png_bytes(images_u8: torch.Tensor | np.ndarray, nrow: int | None = None) -> bytes:
+    """The PNG file of grid_image(images_u8, nrow)."""
+    buffer = io.BytesIO()
+    grid_image(images_u8, nrow).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_grid(images_u8: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    """Write N×C×H×W uint8 images as one PNG grid (atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
+    grid_image(images_u8, nrow).save(tmp, format="PNG")
     tmp.replace(path)
 
 

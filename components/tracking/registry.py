@@ -207,8 +207,12 @@ def pip_requirements() -> list[str]:
 def _log_and_register(c, name: str, model_dir: Path, eval_dir: Path, tags: dict[str, str], metrics: dict):
     import mlflow
 
+    from components.tracking import model_signature
     from components.tracking.model_files import MODEL_FILES
+    from components.tracking.requests import RequestSchema
 
+    spec = json.loads((model_dir / "model.json").read_text())
+    schema = RequestSchema.of(spec, spec["config"]["image_size"])
     run_id = tags.get("training_run_id")
     if not run_id or not _run_exists(c, run_id):
         run_id = c.create_run(ensure_experiment(name), run_name="registration",
@@ -226,9 +230,13 @@ def _log_and_register(c, name: str, model_dir: Path, eval_dir: Path, tags: dict[
             artifacts={"model_dir": served},
             code_paths=[str(Path(__file__).resolve().parents[1])],  # the components package
             pip_requirements=pip_requirements(),
+            signature=model_signature.signature(schema),
+            input_example=model_signature.input_example(schema),
         )
-    return mlflow.register_model(info.model_uri, name, tags={
+    mv = mlflow.register_model(info.model_uri, name, tags={
         **tags, **{f"metric.{k}": str(v) for k, v in metrics.items()}})
+    c.update_model_version(name, mv.version, description=model_signature.description(schema))
+    return mv
 
 
 def _run_exists(c, run_id: str) -> bool:

@@ -1,0 +1,262 @@
+"""Requests to a registered model: which fields each task kind takes, and their validation.
+
+A request arrives as a mapping (Python callers; `{"inputs": {...}}` to MLflow's scoring server,
+which hands scalars over as 0-d arrays), as a one-row DataFrame (`dataframe_records`,
+`dataframe_split`), and/or as MLflow `params` (the scalar fields). Every shape is merged into one
+mapping and checked the same way; a ValueError names the field and says what to send.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+MAX_COUNT = 4096
+OUTPUTS = ("reconstruction", "latent")
+FORMATS = ("uint8", "png", "png_grid")
+# What a model of each kind does, for errors telling a caller they sent the other kind's request.
+KIND_DOES = {"generate": "it generates images",
+             "reconstruct": "it reconstructs the images it is sent, it does not sample"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request field: what it means, and the MLflow type it has as a `params` entry (None: the
+    field is data, sent in `inputs` or a DataFrame only)."""
+
+    doc: str
+    param_type: str | None
+
+
+FIELDS: dict[str, Field] = {
+    "count": Field(f"number of images, 1..{MAX_COUNT} (default: one per label or prompt, else 16)", "long"),
+    "seed": Field("random seed >= 0 (default 0); the same request draws the same images", "long"),
+    "labels": Field("one class id per image", None),
+    "prompt": Field("a text naming a class, for all images (or a list of one text per image)", "string"),
+    "images": Field("uint8 pixels N×C×H×W (integers 0..255)", None),
+    "output": Field("'reconstruction' (default: uint8 images) or 'latent' (float32 codes N×latent_dim)", "string"),
+    "format": Field("'uint8' (default: N×C×H×W pixels), 'png' (one base64 PNG per image) or "
+                    "'png_grid' (one base64 PNG of all images)", "string"),
+}
+KIND_FIELDS: dict[str, tuple[str, ...]] = {"generate": ("count", "seed", "format"),
+                                           "reconstruct": ("images", "output", "format")}
+
+
+@dataclass(frozen=True)
+class RequestSchema:
+    """What a request to one registered model may hold, from its family's declaration and its data."""
+
+    family: str
+    kind: str
+    conditions: tuple[str, ...]
+    channels: int
+    image_size: int
+    classes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, spec: dict, image_size: int) -> "RequestSchema":
+        """The schema of a trained model from its model.json spec (family, channels, classes)."""
+        from components.models import FAMILIES, class_names
+
+        family = FAMILIES.get(spec["family"])
+        unknown = sorted(set(family.conditions) - set(CONDITION_PARSERS))
+        if unknown:
+            raise ValueError(f"family {spec['family']!r} declares request condition(s) {unknown} that the "
+                             f"registered model cannot parse; known: {', '.join(CONDITION_PARSERS)}")
+        classes = class_names(spec["num_classes"], spec.get("classes"))
+        return cls(family=spec["family"], kind=family.kind, conditions=tuple(family.conditions),
+                   channels=int(spec["channels"]), image_size=int(image_size), classes=tuple(classes))
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return (*KIND_FIELDS[self.kind], *self.conditions)
+
+    @property
+    def image_shape(self) -> str:
+        return f"{self.channels}×{self.image_size}×{self.image_size}"
+
+    def describe_classes(self) -> str:
+        return ", ".join(f"{i} {name}" for i, name in enumerate(self.classes))
+
+
+def parse_request(request: Any, schema: RequestSchema, params: dict | None = None) -> dict:
+    """The request's fields (from `request` and MLflow `params`), checked against `schema` and
+    normalised (defaults filled, scalars unwrapped, one prompt per image)."""
+    fields = merge_params(_as_mapping(request), params)
+    _check_field_names(fields, schema)
+    parsed = KIND_PARSERS[schema.kind](fields, schema)
+    parsed["format"] = _parse_format(fields, parsed)
+    return parsed
+
+
+def merge_params(fields: dict, params: dict | None) -> dict:
+    """`fields` with the request's MLflow params added. MLflow fills every param the schema declares
+    and the request left out with its default, None, so None means "not sent"."""
+    merged = dict(fields)
+    for name, value in (params or {}).items():
+        if value is None:
+            continue
+        if name in merged and not _same(merged[name], value):
+            raise ValueError(f"{name}: sent in both the input ({_scalar(merged[name])!r}) and params "
+                             f"({value!r}); send it once")
+        merged[name] = value
+    return merged
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(np.array_equal(np.asarray(_scalar(a)), np.asarray(_scalar(b))))
+    except (TypeError, ValueError):
+        return False
+
+
+def _as_mapping(request: Any) -> dict:
+    if hasattr(request, "to_dict"):  # pandas DataFrame: one row is one request
+        records = request.to_dict(orient="records")
+        if len(records) > 1:
+            raise ValueError(f"request: a DataFrame request must have one row, got {len(records)}; "
+                             f"send one request per call")
+        request = records[0] if records else {}
+    if isinstance(request, list) and len(request) == 1 and isinstance(request[0], dict):
+        request = request[0]  # {"inputs": [{...}]}: a list holding one request
+    if not isinstance(request, dict):
+        raise ValueError(f"request must be a mapping like {{'count': 16, 'seed': 0}}, got {type(request).__name__}")
+    return request
+
+
+def _check_field_names(fields: dict, schema: RequestSchema) -> None:
+    for name in CONDITION_PARSERS:
+        if name in fields and name not in schema.conditions:
+            takes = (f"it takes only {', '.join(schema.conditions)}" if schema.conditions
+                     else "it is unconditional")
+            raise ValueError(f"{name}: this {schema.family} model does not take {name!r} ({takes}); "
+                             f"drop {name!r} from the request")
+    unknown = sorted(set(fields) - set(schema.fields), key=str)
+    if unknown:
+        raise ValueError(f"unknown request field(s) {unknown} for this {schema.family} model "
+                         f"({KIND_DOES[schema.kind]}); valid: {', '.join(schema.fields)}")
+
+
+def _parse_generate(fields: dict, schema: RequestSchema) -> dict:
+    if "labels" in fields and "prompt" in fields:
+        raise ValueError("labels, prompt: send one of them, not both")
+    conditions = {name: _as_list(fields[name]) for name in schema.conditions if name in fields}
+    # Without a count, a list of labels or prompts says how many images are wanted.
+    given = next((len(v) for v in conditions.values() if isinstance(v, list)), 16)
+    count, seed = _scalar(fields.get("count", given)), _scalar(fields.get("seed", 0))
+    if not _is_int(count) or not 1 <= count <= MAX_COUNT:
+        raise ValueError(f"count: must be an integer in 1..{MAX_COUNT}, got {_short(count)}")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed: must be an integer >= 0, got {_short(seed)}")
+    parsed = {"count": int(count), "seed": int(seed)}
+    for name, value in conditions.items():
+        parsed[name] = CONDITION_PARSERS[name](value, int(count), schema)
+    return parsed
+
+
+def _parse_labels(labels: Any, count: int, schema: RequestSchema) -> list[int]:
+    if not isinstance(labels, list):
+        raise ValueError(f"labels: must be a list of integer class ids, one per image, got {_short(labels)}")
+    if len(labels) != count:  # before looking at each label: a huge list is refused at once
+        raise ValueError(f"labels: need one class id per image ({count}), got {len(labels)}")
+    if not all(_is_int(v) for v in labels):
+        raise ValueError(f"labels: must be a list of integer class ids, one per image, got {_short(labels)}")
+    bad = sorted({int(v) for v in labels if not 0 <= v < len(schema.classes)})
+    if bad:
+        raise ValueError(f"labels: class ids must be in 0..{len(schema.classes) - 1} "
+                         f"({schema.describe_classes()}), got {_short(bad)}")
+    return [int(v) for v in labels]
+
+
+def _parse_prompt(prompt: Any, count: int, schema: RequestSchema) -> list[str]:
+    """One prompt per image; the model itself says which words it understands."""
+    if isinstance(prompt, list) and len(prompt) == 1:  # a JSON client's way to send one prompt for all
+        prompt = prompt[0]
+    prompts = [prompt] * count if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list):
+        raise ValueError(f"prompt: must be one string for all images or a list of one string per image, "
+                         f"got {_short(prompt)}")
+    if len(prompts) != count:
+        raise ValueError(f"prompt: need one string for all images or one per image ({count}), got {len(prompts)}")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt: must be one string for all images or a list of one string per image, "
+                         f"got {_short(prompt)}")
+    if not all(p.strip() for p in prompts):
+        raise ValueError("prompt: must not be empty; name a class, e.g. 'ankle boot'")
+    return prompts
+
+
+def _parse_reconstruct(fields: dict, schema: RequestSchema) -> dict:
+    if "images" not in fields:
+        raise ValueError(f"images: missing; send uint8 images N×{schema.image_shape} to this {schema.family} model")
+    output = _scalar(fields.get("output", "reconstruction"))
+    if output not in OUTPUTS:
+        raise ValueError(f"output: must be one of {', '.join(OUTPUTS)}, got {_short(output)}")
+    return {"images": _parse_images(fields["images"], schema), "output": output}
+
+
+def _parse_images(images: Any, schema: RequestSchema) -> np.ndarray:
+    expected = (schema.channels, schema.image_size, schema.image_size)
+    try:
+        array = np.asarray(images)
+    except ValueError:  # ragged nested lists
+        raise ValueError(f"images: must be a regular N×{schema.image_shape} array of pixels; "
+                         f"the nested lists have different lengths") from None
+    if array.ndim != 4:
+        raise ValueError(f"images: must be 4-d N×C×H×W, got shape {array.shape} "
+                         f"(one image is 1×{schema.image_shape})")
+    if tuple(array.shape[1:]) != expected:
+        raise ValueError(f"images: this {schema.family} model takes N×{schema.image_shape} images, "
+                         f"got N×{'×'.join(map(str, array.shape[1:]))}")
+    if not 1 <= array.shape[0] <= MAX_COUNT:
+        raise ValueError(f"images: send 1..{MAX_COUNT} images per request, got {array.shape[0]}")
+    if array.dtype != np.uint8:
+        # JSON carries integers, not uint8: accept integer pixels that fit.
+        if array.dtype.kind not in "iu" or (array.size and (array.min() < 0 or array.max() > 255)):
+            raise ValueError(f"images: must be uint8 pixels 0..255, got dtype {array.dtype}"
+                             + (f" with values {array.min()}..{array.max()}" if array.dtype.kind in "iuf" else ""))
+        array = array.astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def _parse_format(fields: dict, parsed: dict) -> str:
+    fmt = _scalar(fields.get("format", "uint8"))
+    if fmt not in FORMATS:
+        raise ValueError(f"format: must be one of {', '.join(FORMATS)}, got {_short(fmt)}")
+    if fmt != "uint8" and parsed.get("output") == "latent":
+        raise ValueError(f"format: {fmt!r} encodes images; output 'latent' returns float codes, send format 'uint8'")
+    return fmt
+
+
+KIND_PARSERS: dict[str, Callable[[dict, RequestSchema], dict]] = {
+    "generate": _parse_generate, "reconstruct": _parse_reconstruct}
+# Every condition a generate family may declare, with its parser (value, count, schema) → value.
+CONDITION_PARSERS: dict[str, Callable[[Any, int, RequestSchema], Any]] = {"labels": _parse_labels,
+                                                                         "prompt": _parse_prompt}
+
+
+def _scalar(value: Any) -> Any:
+    """MLflow's scoring server sends scalars as 0-d arrays, and some clients as 1-element lists."""
+    if isinstance(value, np.ndarray) and value.size == 1 and value.ndim <= 1:
+        return value.reshape(()).item()
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        return _scalar(value[0])
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _as_list(value: Any) -> Any:
+    """Arrays and tuples as lists of Python values; a 0-d array as its value; anything else unchanged."""
+    if isinstance(value, np.ndarray):
+        return value.item() if value.ndim == 0 else value.tolist()
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """repr of a value sent by a caller, cut short: an error must not echo a huge request back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
