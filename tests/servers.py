@@ -1,4 +1,4 @@
-"""Real servers for tests: moto's S3, a Prefect server, an MLflow server and Prefect process
+"""Real servers for tests: moto's S3, a Prefect server, an MLflow server, MLflow's scoring server and Prefect process
 workers, each a subprocess on a free loopback port. Each helper waits for a real readiness check
 (health endpoint or port, with a deadline), keeps the server's output in a log file under the
 given directory, and stops the server by its own process id when the `with` block ends."""
@@ -244,4 +244,25 @@ def mlflow_server(workdir: Path, artifacts_destination: str | None = None, s3_en
     url = f"http://127.0.0.1:{port}"
     with _running("MLflow server", cmd, workdir / "mlflow-server.log", env, workdir,
                   lambda: _http_ok(f"{url}/health"), signal.SIGTERM, timeout_s):
+        yield url
+
+
+# --- MLflow scoring server ----------------------------------------------------------------------
+
+@contextmanager
+def scoring_server(workdir: Path, model_uri: str, tracking_uri: str, env: Mapping[str, str] | None = None,
+                   timeout_s: float = 120) -> Iterator[str]:
+    """`mlflow models serve -m model_uri` in this environment (no new virtualenv), the model read
+    from tracking_uri; yields its URL (http://127.0.0.1:P, POST /invocations). It runs uvicorn
+    from PATH, so the venv's bin comes first."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = _server_env(MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                      **(env or {}))
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with _running("MLflow scoring server", cmd, workdir / "scoring-server.log", env, workdir,
+                  lambda: _http_ok(f"{url}/ping"), signal.SIGTERM, timeout_s):
         yield url
