@@ -59,9 +59,10 @@ def description(schema: RequestSchema) -> str:
     lines += [f"- `{name}`: {FIELDS[name].doc}" for name in schema.fields]
     if "labels" in schema.conditions or "prompt" in schema.conditions:
         lines += ["", f"Classes: {schema.describe_classes()}."]
-    lines += ["", "Send them to `mlflow models serve` as `{\"inputs\": " + json.dumps(shown) + "}`, "
+    lines += ["", "Send them to `mlflow models serve` as `{\"inputs\": " + json.dumps(shown, ensure_ascii=False) + "}`, "
               "as `dataframe_records` / `dataframe_split` (one row), or the scalar fields "
-              f"({', '.join(scalars)}) as `params`. Python: `mlflow.pyfunc.load_model(uri).predict(request)`.",
+              f"({', '.join(scalars)}) as `params` (MLflow drops params of other names, with a warning in "
+              "the server's log). Python: `mlflow.pyfunc.load_model(uri).predict(request)`.",
               "A bad request answers HTTP 400 naming the field."]
     return "\n".join(lines)
 
