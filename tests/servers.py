@@ -1,7 +1,7 @@
-"""Real servers for tests: moto's S3, a Prefect server, an MLflow server, MLflow's scoring server and Prefect process
-workers, each a subprocess on a free loopback port. Each helper waits for a real readiness check
-(health endpoint or port, with a deadline), keeps the server's output in a log file under the
-given directory, and stops the server by its own process id when the `with` block ends."""
+"""Real servers for tests: moto's S3, a Prefect server, an MLflow server, MLflow's scoring server
+and Prefect process workers, each a subprocess on a free loopback port. Each helper waits for a
+real readiness check (health endpoint or port, with a deadline), keeps the server's output in a log
+file under the given directory, and stops the server by its own process id when the `with` block ends."""
 from __future__ import annotations
 
 import base64
