@@ -26,7 +26,7 @@ def spec_of(family: str, **extra) -> dict:
 
 
 def schema(family: str) -> RequestSchema:
-    return RequestSchema.of(spec_of(family), image_size=28)
+    return RequestSchema.of(spec_of(family, config={"image_size": 28}))
 
 
 def images(n: int, shape=(1, 28, 28), dtype=np.uint8) -> np.ndarray:
@@ -89,7 +89,7 @@ def test_labels_and_counts_are_normalised():
     assert parse_request(served, cvae) == {"count": 2, "seed": 5, "labels": [0, 9], "format": "uint8"}
     frame = pd.DataFrame([{"count": 2, "seed": 1, "labels": [4, 4]}])
     assert parse_request(frame, cvae) == {"count": 2, "seed": 1, "labels": [4, 4], "format": "uint8"}
-    with pytest.raises(ValueError, match="a DataFrame request must have one row, got 2"):
+    with pytest.raises(ValueError, match=r"send one request \(one row, one record\) per call, got 2"):
         parse_request(pd.DataFrame([{"count": 1}, {"count": 2}]), cvae)
     with pytest.raises(ValueError, match="request must be a mapping"):
         parse_request([1, 2], cvae)
@@ -115,6 +115,9 @@ def test_params_add_fields_and_must_agree_with_the_input():
     # A huge request is refused by its length, and the error does not echo it back.
     ("cvae", {"count": 2, "labels": list(range(100_000))}, "labels: need one class id per image (2), got 100000"),
     ("cvae", {"count": list(range(100_000))}, "characters)"),
+    ("cvae", {"labels": [0] * (MAX_COUNT + 1)}, f"count (one per item of labels): must be an integer in 1..{MAX_COUNT}"),
+    ("cvae", {"format": np.array(["png", "uint8"])}, "format: must be one of uint8, png, png_grid"),
+    ("ae", {"images": images(1), "output": np.array(["latent", "code"])}, "output: must be one of"),
 ])
 def test_bad_formats_and_huge_requests_name_the_field(family, request_, message):
     with pytest.raises(ValueError) as error:

@@ -70,6 +70,7 @@ GENERATE_SHAPES = {
     "inputs mapping": {"inputs": {"count": 3, "seed": 5, "labels": [1, 7, 9]}},
     "inputs with 1-element lists": {"inputs": {"count": [3], "seed": [5], "labels": [1, 7, 9]}},
     "inputs as a list of one record": {"inputs": [{"count": 3, "seed": 5, "labels": [1, 7, 9]}]},
+    "instances": {"instances": [{"count": 3, "seed": 5, "labels": [1, 7, 9]}]},
     "dataframe_records": {"dataframe_records": [{"count": 3, "seed": 5, "labels": [1, 7, 9]}]},
     "dataframe_split": {"dataframe_split": {"columns": ["count", "seed", "labels"], "data": [[3, 5, [1, 7, 9]]]}},
     "params beside inputs": {"inputs": {"labels": [1, 7, 9]}, "params": {"count": 3, "seed": 5}},
@@ -143,13 +144,22 @@ BAD_REQUESTS = [
     ("cgan", {"inputs": {"count": 2, "labels": list(range(100_000))}}, "labels: need one class id per image (2), got 100000"),
     ("cgan", {"inputs": {"labels": [1], "prompt": "bag"}}, "labels, prompt: send one of them, not both"),
     ("cgan", {"inputs": {"count": 1, "prompt": " "}}, "prompt: must not be empty"),
+    ("cgan", {"inputs": {"count": 1, "prompt": "a bicycle"}}, "prompt: 'a bicycle' names no class this model knows"),
+    ("cgan", {"inputs": {"count": 2}, "params": {"prompt": "a bag and a coat"}}, "prompt: 'a bag and a coat' names 2"),
     ("cgan", {"inputs": {"count": 2, "format": "jpeg"}}, "format: must be one of uint8, png, png_grid, got 'jpeg'"),
+    ("cgan", {"inputs": {"count": 2, "format": ["png", "uint8"]}}, "format: must be one of uint8, png, png_grid"),
     ("cgan", {"inputs": {"count": 2}, "params": {"count": 3}}, "count: sent in both the input (2) and params (3)"),
-    ("cgan", {"dataframe_records": [{"count": 1}, {"count": 2}]}, "a DataFrame request must have one row, got 2"),
+    ("cgan", {"dataframe_records": [{"count": 1}, {"count": 2}]}, "send one request (one row, one record) per call, got 2"),
+    ("cgan", {"dataframe_records": []}, "send one request (one row, one record) per call, got 0"),
+    ("cgan", {"dataframe_records": [{"count": 2, "labels": [1, 10]}]}, "labels: class ids must be in 0..9"),
+    ("cgan", {"dataframe_split": {"columns": ["count", "seed"], "data": [[2, -3]]}}, "seed: must be an integer >= 0"),
+    # params are type-checked by MLflow against the signature's params schema, naming the param
+    ("cgan", {"inputs": {}, "params": {"count": 2.5}}, "count"),
     ("ae", {"inputs": {"count": 2}}, "unknown request field(s) ['count'] for this ae model"),
     ("ae", {"inputs": {"images": images(1, (1, 14, 14)).tolist()}}, "images: this ae model takes N×1×28×28 images"),
     ("ae", {"inputs": {"images": (images(1).astype(np.int64) + 300).tolist()}}, "images: must be uint8 pixels 0..255"),
     ("ae", {"inputs": {"images": images(1).tolist(), "output": "code"}}, "output: must be one of reconstruction, latent"),
+    ("ae", {"inputs": {"images": images(1).tolist(), "output": ["latent", "code"]}}, "output: must be one of"),
     ("ae", {"inputs": {"images": images(1).tolist(), "output": "latent", "format": "png"}},
      "format: 'png' encodes images; output 'latent' returns float codes"),
 ]
@@ -218,7 +228,9 @@ def test_the_generated_dockerfile_serves_the_champion_with_its_own_code_and_pins
     assert set(instructions) <= {"FROM", "RUN", "WORKDIR", "COPY", "ENV", "ENTRYPOINT", "EXPOSE", "LABEL", "ARG"}
     assert instructions[0] == "FROM" and instructions[-1] == "ENTRYPOINT"
     model_dir = out / "model_dir"
-    for source, _ in re.findall(r"^COPY (\S+) (\S+)$", dockerfile, re.M):
+    copied = re.findall(r"^COPY (\S+) (\S+)$", dockerfile, re.M)
+    assert copied, "the Dockerfile copies the model in"
+    for source, _ in copied:
         assert (out / source).exists(), f"COPY {source}: not in the build context"
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
     python = mlmodel["flavors"]["python_function"]["python_version"]

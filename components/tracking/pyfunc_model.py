@@ -41,7 +41,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         model_dir = Path(context.artifacts["model_dir"])
         self.model = load_trained_model(model_dir)
         self.spec = json.loads((model_dir / "model.json").read_text())
-        self.schema = RequestSchema.of(self.spec, self.model.image_size)
+        self.schema = RequestSchema.of(self.spec)
         self.kind = self.schema.kind  # read by the CLI and the champion re-scorer
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would build a schema from them
@@ -77,21 +77,14 @@ def _reconstruct(model, request: dict) -> np.ndarray:
 TASKS: dict[str, Callable[[Any, dict], np.ndarray]] = {"generate": _generate, "reconstruct": _reconstruct}
 
 
-
-
-def _png(images: np.ndarray) -> list[str]:
-    """One base64 PNG per image."""
+def _base64_png(images: np.ndarray) -> str:
     from components.evaluation.grid import png_bytes
 
-    return [base64.b64encode(png_bytes(image[None])).decode("ascii") for image in images]
+    return base64.b64encode(png_bytes(images)).decode("ascii")
 
 
-def _png_grid(images: np.ndarray) -> list[str]:
-    """One base64 PNG showing all images in a grid."""
-    from components.evaluation.grid import png_bytes
-
-    return [base64.b64encode(png_bytes(images)).decode("ascii")]
-
-
-RESPONSES: dict[str, Callable[[np.ndarray], Any]] = {"uint8": lambda images: images, "png": _png,
-                                                     "png_grid": _png_grid}
+# What a response holds by the request's format: the uint8 array, one PNG per image, or one grid of them all.
+RESPONSES: dict[str, Callable[[np.ndarray], Any]] = {
+    "uint8": lambda images: images,
+    "png": lambda images: [_base64_png(image[None]) for image in images],
+    "png_grid": lambda images: [_base64_png(images)]}

@@ -211,8 +211,7 @@ def _log_and_register(c, name: str, model_dir: Path, eval_dir: Path, tags: dict[
     from components.tracking.model_files import MODEL_FILES
     from components.tracking.requests import RequestSchema
 
-    spec = json.loads((model_dir / "model.json").read_text())
-    schema = RequestSchema.of(spec, spec["config"]["image_size"])
+    schema = RequestSchema.of(json.loads((model_dir / "model.json").read_text()))
     run_id = tags.get("training_run_id")
     if not run_id or not _run_exists(c, run_id):
         run_id = c.create_run(ensure_experiment(name), run_name="registration",

@@ -8,6 +8,7 @@ mapping and checked the same way; a ValueError names the field and says what to 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import numpy as np
@@ -55,8 +56,8 @@ class RequestSchema:
     classes: tuple[str, ...]
 
     @classmethod
-    def of(cls, spec: dict, image_size: int) -> "RequestSchema":
-        """The schema of a trained model from its model.json spec (family, channels, classes)."""
+    def of(cls, spec: dict) -> "RequestSchema":
+        """The schema of a trained model from its model.json spec (family, config, channels, classes)."""
         from components.models import FAMILIES, class_names
 
         family = FAMILIES.get(spec["family"])
@@ -66,7 +67,8 @@ class RequestSchema:
                              f"registered model cannot parse; known: {', '.join(CONDITION_PARSERS)}")
         classes = class_names(spec["num_classes"], spec.get("classes"))
         return cls(family=spec["family"], kind=family.kind, conditions=tuple(family.conditions),
-                   channels=int(spec["channels"]), image_size=int(image_size), classes=tuple(classes))
+                   channels=int(spec["channels"]), image_size=int(spec["config"]["image_size"]),
+                   classes=tuple(classes))
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -78,6 +80,13 @@ class RequestSchema:
 
     def describe_classes(self) -> str:
         return ", ".join(f"{i} {name}" for i, name in enumerate(self.classes))
+
+    @cached_property
+    def vocabulary(self):
+        """The words a prompted model of these classes understands (the same table the model builds)."""
+        from components.models.text import Vocabulary
+
+        return Vocabulary(list(self.classes))
 
 
 def parse_request(request: Any, schema: RequestSchema, params: dict | None = None) -> dict:
@@ -98,8 +107,8 @@ def merge_params(fields: dict, params: dict | None) -> dict:
         if value is None:
             continue
         if name in merged and not _same(merged[name], value):
-            raise ValueError(f"{name}: sent in both the input ({_scalar(merged[name])!r}) and params "
-                             f"({value!r}); send it once")
+            raise ValueError(f"{name}: sent in both the input ({_short(_scalar(merged[name]))}) and params "
+                             f"({_short(value)}); send it once")
         merged[name] = value
     return merged
 
@@ -113,13 +122,11 @@ def _same(a: Any, b: Any) -> bool:
 
 def _as_mapping(request: Any) -> dict:
     if hasattr(request, "to_dict"):  # pandas DataFrame: one row is one request
-        records = request.to_dict(orient="records")
-        if len(records) > 1:
-            raise ValueError(f"request: a DataFrame request must have one row, got {len(records)}; "
-                             f"send one request per call")
-        request = records[0] if records else {}
-    if isinstance(request, list) and len(request) == 1 and isinstance(request[0], dict):
-        request = request[0]  # {"inputs": [{...}]}: a list holding one request
+        request = request.to_dict(orient="records")
+    if isinstance(request, list) and all(isinstance(r, dict) for r in request):  # records, or {"inputs": [{...}]}
+        if len(request) != 1:
+            raise ValueError(f"request: send one request (one row, one record) per call, got {len(request)}")
+        request = request[0]
     if not isinstance(request, dict):
         raise ValueError(f"request must be a mapping like {{'count': 16, 'seed': 0}}, got {type(request).__name__}")
     return request
@@ -141,12 +148,13 @@ def _check_field_names(fields: dict, schema: RequestSchema) -> None:
 def _parse_generate(fields: dict, schema: RequestSchema) -> dict:
     if "labels" in fields and "prompt" in fields:
         raise ValueError("labels, prompt: send one of them, not both")
-    conditions = {name: _as_list(fields[name]) for name in schema.conditions if name in fields}
+    conditions = {name: _one_instance(_as_list(fields[name])) for name in schema.conditions if name in fields}
     # Without a count, a list of labels or prompts says how many images are wanted.
-    given = next((len(v) for v in conditions.values() if isinstance(v, list)), 16)
-    count, seed = _scalar(fields.get("count", given)), _scalar(fields.get("seed", 0))
+    given = next(((name, len(v)) for name, v in conditions.items() if isinstance(v, list)), None)
+    count, seed = _scalar(fields.get("count", 16 if given is None else given[1])), _scalar(fields.get("seed", 0))
     if not _is_int(count) or not 1 <= count <= MAX_COUNT:
-        raise ValueError(f"count: must be an integer in 1..{MAX_COUNT}, got {_short(count)}")
+        sent = "count" if "count" in fields or given is None else f"count (one per item of {given[0]})"
+        raise ValueError(f"{sent}: must be an integer in 1..{MAX_COUNT}, got {_short(count)}")
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed: must be an integer >= 0, got {_short(seed)}")
     parsed = {"count": int(count), "seed": int(seed)}
@@ -170,7 +178,7 @@ def _parse_labels(labels: Any, count: int, schema: RequestSchema) -> list[int]:
 
 
 def _parse_prompt(prompt: Any, count: int, schema: RequestSchema) -> list[str]:
-    """One prompt per image; the model itself says which words it understands."""
+    """One prompt per image, each naming one class in words the model understands."""
     if isinstance(prompt, list) and len(prompt) == 1:  # a JSON client's way to send one prompt for all
         prompt = prompt[0]
     prompts = [prompt] * count if isinstance(prompt, str) else prompt
@@ -184,6 +192,8 @@ def _parse_prompt(prompt: Any, count: int, schema: RequestSchema) -> list[str]:
                          f"got {_short(prompt)}")
     if not all(p.strip() for p in prompts):
         raise ValueError("prompt: must not be empty; name a class, e.g. 'ankle boot'")
+    for text in dict.fromkeys(prompts):
+        schema.vocabulary.class_of(text)  # ValueError "prompt: …" unless it names exactly one class
     return prompts
 
 
@@ -191,7 +201,7 @@ def _parse_reconstruct(fields: dict, schema: RequestSchema) -> dict:
     if "images" not in fields:
         raise ValueError(f"images: missing; send uint8 images N×{schema.image_shape} to this {schema.family} model")
     output = _scalar(fields.get("output", "reconstruction"))
-    if output not in OUTPUTS:
+    if not isinstance(output, str) or output not in OUTPUTS:
         raise ValueError(f"output: must be one of {', '.join(OUTPUTS)}, got {_short(output)}")
     return {"images": _parse_images(fields["images"], schema), "output": output}
 
@@ -203,6 +213,8 @@ def _parse_images(images: Any, schema: RequestSchema) -> np.ndarray:
     except ValueError:  # ragged nested lists
         raise ValueError(f"images: must be a regular N×{schema.image_shape} array of pixels; "
                          f"the nested lists have different lengths") from None
+    if array.ndim == 5 and array.shape[0] == 1:  # {"instances": [{"images": ...}]}: one instance
+        array = array[0]
     if array.ndim != 4:
         raise ValueError(f"images: must be 4-d N×C×H×W, got shape {array.shape} "
                          f"(one image is 1×{schema.image_shape})")
@@ -222,7 +234,7 @@ def _parse_images(images: Any, schema: RequestSchema) -> np.ndarray:
 
 def _parse_format(fields: dict, parsed: dict) -> str:
     fmt = _scalar(fields.get("format", "uint8"))
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise ValueError(f"format: must be one of {', '.join(FORMATS)}, got {_short(fmt)}")
     if fmt != "uint8" and parsed.get("output") == "latent":
         raise ValueError(f"format: {fmt!r} encodes images; output 'latent' returns float codes, send format 'uint8'")
@@ -250,6 +262,11 @@ def _as_list(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.item() if value.ndim == 0 else value.tolist()
     return list(value) if isinstance(value, tuple) else value
+
+
+def _one_instance(value: Any) -> Any:
+    """[[a, b, c]] → [a, b, c]: MLflow's `instances` format adds a leading axis of one instance."""
+    return value[0] if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list) else value
 
 
 def _is_int(value: Any) -> bool:
