@@ -243,3 +243,18 @@ def test_the_generated_dockerfile_serves_the_champion_with_its_own_code_and_pins
     example = (model_dir / "serving_input_example.json").read_text()
     answer = np.asarray(validate_serving_input(str(model_dir), example))
     assert answer.shape == (4, 1, 28, 28) and answer.dtype == np.uint8
+
+
+def test_the_readme_client_snippet_runs_against_a_served_champion(store, served):
+    """The README's serving snippet, as written but for the server's URL and the model's name."""
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (snippet,) = [s for s in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "/invocations" in s]
+    root, uri, names = store
+    code = snippet.replace("http://127.0.0.1:5001", served["cgan"]).replace("fashion-mnist-cgan", names["cgan"])
+    check = "\nimport numpy\nassert numpy.array_equal(numpy.stack([numpy.asarray(i) for i in images]), pixels[:, 0])\nprint('ok')\n"
+    result = subprocess.run([sys.executable, "-c", code + check], env=clean_env(MLFLOW_TRACKING_URI=uri),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
