@@ -85,6 +85,13 @@ class GenerativeModel(nn.Module):
                prompts: list[str] | None = None) -> torch.Tensor:
         """n images in [-1, 1], (n, C, H, W). Conditional families take class ids `labels` (n,)
         (None: classes in turn, 0, 1, …, so every class is drawn) or text `prompts` (n strings)."""
+        return self.from_noise(self.noise(n, generator), labels=labels, prompts=prompts)
+
+    @torch.no_grad()
+    def from_noise(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                   prompts: list[str] | None = None) -> torch.Tensor:
+        """The images of given prior draws z (n, latent_dim), as `sample` makes them: walking z
+        between two draws interpolates between their images."""
         raise NotImplementedError
 
     def check_labels(self, labels, n: int) -> torch.Tensor:

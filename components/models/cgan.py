@@ -109,14 +109,14 @@ class CGAN(GenerativeModel):
         return self.vocab.encode(list(prompts)).to(next(self.parameters()).device)
 
     @torch.no_grad()
-    def sample(self, n, generator=None, labels=None, prompts=None):
+    def from_noise(self, z, labels=None, prompts=None):
         if prompts is not None and labels is not None:
             raise ValueError("labels, prompts: pass one of them, not both")
         if prompts is not None:
-            tokens = self.prompt_tokens(prompts, n)
+            tokens = self.prompt_tokens(prompts, z.shape[0])
         else:
-            tokens = self.text_encoder.canonical_tokens[self.check_labels(labels, n)]  # (n, L)
-        return self.generate(self.noise(n, generator), tokens)  # (n, C, size, size) in [-1, 1]
+            tokens = self.text_encoder.canonical_tokens[self.check_labels(labels, z.shape[0])]  # (n, L)
+        return self.generate(z, tokens)  # (n, C, size, size) in [-1, 1]
 
 
 FAMILIES.register("cgan")(Family("cgan", CGANConfig, lambda cfg, channels, classes: CGAN(cfg, channels, classes),

@@ -38,6 +38,7 @@ class ConditionalEncoder(nn.Module):
 class CVAE(GenerativeModel):
     conditional = True
     gaussian_prior = True  # z ~ N(0, I) decodes to an image (with a label): latent traversals apply
+    likelihood = "bernoulli"  # p(x|z) of the ELBO its training step logs as recon + kl (the elbo metric)
     ema_modules = ("encoder", "decoder")
 
     def __init__(self, cfg: CVAEConfig, channels: int, classes: list[str]):
@@ -73,12 +74,12 @@ class CVAE(GenerativeModel):
     # No `reconstruct`: it would need each image's label, which the recon_mse metric does not pass.
 
     @torch.no_grad()
-    def sample(self, n, generator=None, labels=None, prompts=None):
+    def from_noise(self, z, labels=None, prompts=None):
         if prompts is not None:
             raise ValueError(f"prompts: the {self.cfg.family!r} family is conditioned on class ids only; "
                              f"pass labels in 0..{self.num_classes - 1} instead")
-        labels = self.check_labels(labels, n)
-        return self.decode(self.noise(n, generator), labels)  # (n, C, size, size) in [-1, 1]
+        labels = self.check_labels(labels, z.shape[0])
+        return self.decode(z, labels)  # (n, C, size, size) in [-1, 1]
 
 
 FAMILIES.register("cvae")(Family("cvae", CVAEConfig, lambda cfg, channels, classes: CVAE(cfg, channels, classes),

@@ -59,8 +59,8 @@ class DCGAN(GenerativeModel):
         yield "generator", StepOutput(loss_g, {"loss_g": loss_g, "d_fake": torch.sigmoid(d_fake).mean()})
 
     @torch.no_grad()
-    def sample(self, n, generator=None, labels=None, prompts=None):
-        return self.generator(self.noise(n, generator))  # (n, C, size, size) in [-1, 1]
+    def from_noise(self, z, labels=None, prompts=None):
+        return self.generator(z)  # (n, C, size, size) in [-1, 1]
 
 
 FAMILIES.register("dcgan")(Family("dcgan", DCGANConfig, lambda cfg, channels, classes: DCGAN(cfg, channels)))

@@ -40,6 +40,7 @@ def elbo_loss(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, decode, b
 class VAE(GenerativeModel):
     ema_modules = ("encoder", "decoder")
     gaussian_prior = True  # z ~ N(0, I) decodes to an image: latent traversals apply
+    likelihood = "bernoulli"  # p(x|z) of the ELBO its training step logs as recon + kl (the elbo metric)
 
     def __init__(self, cfg: VAEConfig, channels: int):
         super().__init__()
@@ -72,8 +73,8 @@ class VAE(GenerativeModel):
         return torch.sigmoid(self.decoder(mu)) * 2 - 1
 
     @torch.no_grad()
-    def sample(self, n, generator=None, labels=None, prompts=None):
-        return torch.sigmoid(self.decoder(self.noise(n, generator))) * 2 - 1  # (n, C, size, size) in [-1, 1]
+    def from_noise(self, z, labels=None, prompts=None):
+        return torch.sigmoid(self.decoder(z)) * 2 - 1  # (n, C, size, size) in [-1, 1]
 
 
 FAMILIES.register("vae")(Family("vae", VAEConfig, lambda cfg, channels, classes: VAE(cfg, channels)))

@@ -99,8 +99,8 @@ class WGANGP(GenerativeModel):
         yield "generator", StepOutput(loss_g, {"loss_g": loss_g})
 
     @torch.no_grad()
-    def sample(self, n, generator=None, labels=None, prompts=None):
-        return self.generator(self.noise(n, generator))  # (n, C, size, size) in [-1, 1]
+    def from_noise(self, z, labels=None, prompts=None):
+        return self.generator(z)  # (n, C, size, size) in [-1, 1]
 
 
 FAMILIES.register("wgan_gp")(Family("wgan_gp", WGANGPConfig, lambda cfg, channels, classes: WGANGP(cfg, channels)))
