@@ -80,10 +80,19 @@ class DivergenceConfig(Frozen):
     lr_factor: float = Field(gt=0, lt=1)
 
 
+class BootstrapConfig(Frozen):
+    """Percentile intervals of FID and KID: both sets resampled `samples` times; the interval holds 1 − alpha."""
+
+    samples: int = Field(ge=10)
+    alpha: float = Field(gt=0, lt=1)
+
+
 class EvaluateConfig(Frozen):
     metrics: list[str] = Field(min_length=1)
     num_samples: int = Field(gt=1)
     kid_subset_size: int = Field(gt=1)
+    nearest_k: int = Field(gt=0)  # k of the k-NN balls of precision/recall and density/coverage
+    bootstrap: BootstrapConfig
     grid_size: int = Field(gt=0, le=256)
     seed: int = Field(ge=0)
 

@@ -159,7 +159,8 @@ def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Pa
                               dataset_version=dataset_version(data_dir), image_size=model.image_size)
     kind = FAMILIES.get(params.model(name).family).kind
     with staged_dir(out_dir) as tmp:
-        metrics = evaluate_model(model, classifier, real, params.evaluate, grid_path=tmp / "grid.png", kind=kind)
+        metrics = evaluate_model(model, classifier, real, params.evaluate, grid_path=tmp / "grid.png", kind=kind,
+                                 real_labels=real_labels)
         metrics.update(live_weight_scores(model, Path(model_dir), classifier, real, params, kind))
         write_json(metrics, tmp / "metrics.json")
         write_pictures(model, real, real_labels, read_manifest(data_dir)["classes"], tmp / "pictures",

@@ -36,7 +36,8 @@ def test_shipped_params_load():
     assert params.model("dcgan").family == "dcgan"
     assert type(params.model("dcgan")).__name__ == "DCGANConfig"  # the family's own config class
     assert params.model("dcgan").ngf == 64
-    assert params.evaluate.metrics == ["fid", "kid", "class_coverage", "recon_mse"]
+    assert params.evaluate.metrics == ["fid", "kid", "class_coverage", "inception_score", "precision_recall",
+                                       "density_coverage", "recon_mse", "psnr", "ssim", "elbo"]
     assert params.registry.gating_metric == "fid"
 
 
@@ -110,10 +111,10 @@ def test_log_and_checkpoint_intervals_live_outside_the_model_sections(raw):
 
 
 def test_unknown_metric_lists_valid(raw):
-    raw["evaluate"]["metrics"] = ["fid", "inception_score"]
+    raw["evaluate"]["metrics"] = ["fid", "fid50k"]
     message = problems_of(raw)
     assert "evaluate.metrics:" in message
-    assert "inception_score" in message
+    assert "fid50k" in message
     for name in METRICS.names():
         assert name in message
 

@@ -18,6 +18,7 @@ from components.evaluation.metrics import METRICS, EvalContext, frechet_distance
 from components.models import FAMILIES, build_model
 
 NOISE_LEVELS = (0.1, 0.3, 0.6)
+SETTINGS = {"nearest_k": 3, "bootstrap": {"samples": 20, "alpha": 0.1}}  # small B: tests stay fast
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save:UserWarning"),
@@ -138,17 +139,19 @@ def test_recon_mse_only_for_models_that_reconstruct(classifier, real):
 
 
 def test_unknown_metric_lists_valid():
-    with pytest.raises(ValueError, match=r"unknown metric 'is'; valid: class_coverage, fid, kid, recon_mse"):
+    with pytest.raises(ValueError, match=r"unknown metric 'is'; valid: class_coverage, density_coverage, elbo, fid, inception_score, kid, "
+                                         r"precision_recall, psnr, recon_mse, ssim"):
         METRICS.get("is")
 
 
 def test_evaluate_model_reports_every_metric_and_writes_grid(classifier, tmp_path):
     real_u8 = to_uint8(structured_set(80))
-    cfg = EvaluateConfig(metrics=["fid", "kid", "class_coverage", "recon_mse"], num_samples=60,
+    cfg = EvaluateConfig(**SETTINGS, metrics=["fid", "kid", "class_coverage", "recon_mse"], num_samples=60,
                          kid_subset_size=20, grid_size=9, seed=3)
     grid_path = tmp_path / "eval" / "grid.png"
     out = evaluate_model(tiny_model("vae"), classifier, real_u8, cfg, grid_path)
-    assert set(out) == {"num_samples", "fid", "kid", "kid_std", "classes_covered", "sample_confidence", "recon_mse"}
+    assert set(out) == {"num_samples", "fid", "kid", "kid_std", "classes_covered", "sample_confidence", "recon_mse",
+                        "fid_ci_low", "fid_ci_high", "kid_ci_low", "kid_ci_high"}
     assert out["num_samples"] == 60  # capped at cfg.num_samples
     assert all(math.isfinite(v) for v in out.values())
     with Image.open(grid_path) as im:
@@ -163,12 +166,12 @@ def test_a_reconstructing_model_is_scored_on_reconstructions_of_the_reference(cl
 
     model = build_model(model_config("ae"), 1, num_classes=10).eval()
     real_u8 = to_uint8(structured_set(50))
-    cfg = EvaluateConfig(metrics=["fid", "recon_mse"], num_samples=30, kid_subset_size=10, grid_size=8, seed=2)
+    cfg = EvaluateConfig(**SETTINGS, metrics=["fid", "recon_mse"], num_samples=30, kid_subset_size=10, grid_size=8, seed=2)
     out = evaluate_model(model, classifier, real_u8, cfg, tmp_path / "grid.png", kind="reconstruct")
     reference = reference_subset(real_u8, cfg)
     recon = reconstruct_uint8(model, reference)
     assert out == score_samples(recon, real_u8, classifier, cfg, 28, model=model)
-    assert set(out) == {"num_samples", "fid", "recon_mse"} and out["num_samples"] == 30
+    assert set(out) == {"num_samples", "fid", "fid_ci_low", "fid_ci_high", "recon_mse"} and out["num_samples"] == 30
     with Image.open(tmp_path / "grid.png") as im:
         assert im.size == (2 * 30 + 2, 4 * 30 + 2)  # 4 pairs, each real image beside its reconstruction
         pixels = np.asarray(im)
@@ -240,7 +243,7 @@ class _BrokenGenerator(torch.nn.Module):
 def test_non_finite_samples_fail_the_evaluation_with_a_message(classifier):
     from components.evaluation.grid import NonFiniteSamples
 
-    cfg = EvaluateConfig(metrics=["fid"], num_samples=20, kid_subset_size=10, grid_size=4, seed=0)
+    cfg = EvaluateConfig(**SETTINGS, metrics=["fid"], num_samples=20, kid_subset_size=10, grid_size=4, seed=0)
     with pytest.raises(NonFiniteSamples, match="NaN or infinite pixels"):
         evaluate_model(_BrokenGenerator(), classifier, to_uint8(structured_set(20)), cfg)
 
@@ -249,7 +252,7 @@ def test_non_finite_features_fail_the_evaluation_instead_of_crashing_it(real):
     from components.evaluation.classifier import NonFiniteFeatures
     from components.evaluation.evaluate import score_samples
 
-    cfg = EvaluateConfig(metrics=["fid"], num_samples=40, kid_subset_size=10, grid_size=4, seed=0)
+    cfg = EvaluateConfig(**SETTINGS, metrics=["fid"], num_samples=40, kid_subset_size=10, grid_size=4, seed=0)
     with torch.no_grad():
         broken = Classifier(channels=1, num_classes=10, width=8).eval()
         for p in broken.parameters():
@@ -264,38 +267,7 @@ def test_scoring_stored_samples_equals_evaluating_the_model(classifier):
 
     model = tiny_model("vae")
     real_u8 = to_uint8(structured_set(50))
-    cfg = EvaluateConfig(metrics=["fid", "kid"], num_samples=30, kid_subset_size=10, grid_size=4, seed=2)
+    cfg = EvaluateConfig(**SETTINGS, metrics=["fid", "kid"], num_samples=30, kid_subset_size=10, grid_size=4, seed=2)
     direct = evaluate_model(model, classifier, real_u8, cfg)
     stored = score_samples(sample_uint8(model, 30, seed=2), real_u8, classifier, cfg, 28)
     assert stored == direct
-
-
-class _ExtractorElsewhere(torch.nn.Module):
-    """A feature extractor on another device than the images: 'meta' stands in for a GPU on a
-    CPU-only machine (shapes flow through it, values do not)."""
-
-    num_features = 4
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(28 * 28, 4, device="meta")
-
-    def forward(self, x):
-        assert x.device == self.proj.weight.device, f"images on {x.device}, extractor on {self.proj.weight.device}"
-        return self.proj(x.flatten(1))
-
-
-@pytest.mark.parametrize("metric", ["fid", "kid"])
-def test_metric_states_and_inputs_follow_the_extractor_device(metric):
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    from components.evaluation import metrics
-
-    extractor = _ExtractorElsewhere()
-    cls, kwargs = {"fid": (FrechetInceptionDistance, {}), "kid": (KernelInceptionDistance, {"subset_size": 5})}[metric]
-    state = metrics._on_extractor_device(cls, extractor, **kwargs)
-    metrics._feed(state, structured_set(10), real=True, batch_size=4)  # CPU images, as the evaluation has them
-    metrics._feed(state, structured_set(10, seed=1), real=False, batch_size=4)
-    tensors = [t for v in state.metric_state.values() for t in (v if isinstance(v, list) else [v])]
-    assert tensors and {t.device.type for t in tensors} == {"meta"}

@@ -18,25 +18,31 @@ class NonFiniteMetric(ValueError):
     """A metric came out NaN or infinite: the score cannot be compared, so nothing is registered."""
 
 
-def reference_subset(real_u8: torch.Tensor, cfg: EvaluateConfig) -> torch.Tensor:
-    """The held-out images every score under `cfg` is compared with: a seeded random subset, so a
+def reference_indices(num_held_out: int, cfg: EvaluateConfig) -> torch.Tensor:
+    """Which held-out images every score under `cfg` is compared with: a seeded random subset, so a
     split stored class by class still gives a reference of every class."""
-    pick = torch.randperm(real_u8.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[: cfg.num_samples]
-    real_u8 = real_u8[pick.sort().values]
-    if real_u8.shape[0] < 2:
-        raise ValueError(f"evaluation needs at least 2 held-out images, the test split has {real_u8.shape[0]}")
-    return real_u8
+    if num_held_out < 2:
+        raise ValueError(f"evaluation needs at least 2 held-out images, the test split has {num_held_out}")
+    pick = torch.randperm(num_held_out, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.num_samples]
+    return pick.sort().values
+
+
+def reference_subset(real_u8: torch.Tensor, cfg: EvaluateConfig) -> torch.Tensor:
+    return real_u8[reference_indices(real_u8.shape[0], cfg)]
 
 
 def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Classifier, cfg: EvaluateConfig,
-                  image_size: int, model: GenerativeModel | None = None) -> dict[str, float]:
+                  image_size: int, model: GenerativeModel | None = None,
+                  real_labels: torch.Tensor | None = None) -> dict[str, float]:
     """Metrics in cfg.metrics of uint8 samples against the reference subset of real_u8, both
     compared at `image_size` (the protocol's, whatever size the samples come in).
 
     Everything is computed on the classifier's device. `model` is needed only by metrics that use
-    the model itself (recon_mse); without it they are skipped.
+    the model itself (recon_mse, psnr, ssim, elbo); without it they are skipped. `real_labels`
+    (class ids of real_u8) let a conditional model's ELBO be measured.
     """
-    real_u8 = reference_subset(real_u8, cfg)
+    pick = reference_indices(real_u8.shape[0], cfg)
+    real_u8 = real_u8[pick]
     device = next(classifier.parameters()).device
     ctx = EvalContext(
         model=model,
@@ -44,6 +50,10 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
         real=to_model_input(real_u8, image_size, device),
         fake=to_model_input(fake_u8, image_size, device),
         kid_subset_size=cfg.kid_subset_size,
+        nearest_k=cfg.nearest_k,
+        bootstrap=cfg.bootstrap,
+        seed=cfg.seed,
+        real_labels=None if real_labels is None else torch.as_tensor(real_labels)[pick],
     )
     results: dict[str, float] = {"num_samples": real_u8.shape[0]}
     with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global RNG: same model, same score
@@ -57,13 +67,14 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
 
 
 def evaluate_model(model: GenerativeModel, classifier: Classifier, real_u8: torch.Tensor, cfg: EvaluateConfig,
-                   grid_path: Path | None = None, kind: TaskKind = "generate") -> dict[str, float]:
+                   grid_path: Path | None = None, kind: TaskKind = "generate",
+                   real_labels: torch.Tensor | None = None) -> dict[str, float]:
     """Metrics in cfg.metrics of the model's images against the reference subset of held-out real
     images, by its family's task `kind`: a sampler's samples (fixed seed), as many as the reference
     holds; a reconstructor's reconstructions of the reference images themselves."""
     reference = reference_subset(real_u8, cfg)
     fake = evaluation_images(model, kind, reference, cfg.seed)
-    results = score_samples(fake, real_u8, classifier, cfg, model.image_size, model=model)
+    results = score_samples(fake, real_u8, classifier, cfg, model.image_size, model=model, real_labels=real_labels)
     if grid_path is not None:
         images, nrow = GRIDS[kind](fake, reference, cfg.grid_size, model.image_size)
         save_grid(images, grid_path, nrow=nrow)

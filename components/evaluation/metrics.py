@@ -1,14 +1,30 @@
 """Metrics, found by name in METRICS. Each takes an EvalContext and returns a flat dict; the same
-dict goes to metrics.json (DVC) and MLflow."""
+dict goes to metrics.json (DVC) and MLflow.
+
+The evaluator classifier's features of the real and the generated images are extracted once per
+evaluation (lazily, on first use) and shared by every metric; so are a reconstructing model's
+reconstructions and the real set's k-NN radii.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
-from components.evaluation.classifier import Classifier, FeatureExtractor, predict
+
+from components.config import BootstrapConfig
+from components.evaluation import features as F
+from components.evaluation.classifier import Classifier
+from components.evaluation.intervals import bootstrap_interval
+from components.evaluation.manifold import knn_radii, manifold_scores
 from components.models.base import GenerativeModel
 from components.registry import Registry
+
+# A perfect reconstruction has PSNR +inf, and a non-finite metric fails the evaluation: each image's
+# PSNR is capped here (an error below 1e-10 of the range, far under one 8-bit grey level's 1.5e-5).
+PSNR_CAP_DB = 100.0
 
 
 @dataclass
@@ -19,61 +35,104 @@ class EvalContext:
     fake: torch.Tensor  # generated images, float in [-1, 1]
     kid_subset_size: int
     batch_size: int = 500
+    nearest_k: int | None = None  # k of the k-NN manifolds; needed by precision_recall, density_coverage
+    bootstrap: BootstrapConfig | None = None  # None: FID and KID without intervals
+    seed: int = 0  # of the bootstrap resamples and the ELBO's latent draws
+    real_labels: torch.Tensor | None = None  # class ids of `real`; conditional models' ELBO needs them
+
+    @cached_property
+    def real_features(self) -> F.FeatureSet:
+        return F.extract(self.classifier, self.real, self.batch_size)
+
+    @cached_property
+    def fake_features(self) -> F.FeatureSet:
+        return F.extract(self.classifier, self.fake, self.batch_size)
+
+    @cached_property
+    def manifold(self) -> dict[str, float]:
+        if self.nearest_k is None:
+            raise ValueError("precision_recall and density_coverage need evaluate.nearest_k (the k of the k-NN balls)")
+        real = self.real_features.features
+        return manifold_scores(real, self.fake_features.features, self.nearest_k, knn_radii(real, self.nearest_k))
+
+    @cached_property
+    @torch.no_grad()
+    def reconstructions(self) -> torch.Tensor:
+        """The model's reconstructions of `real`, in [-1, 1], on the CPU."""
+        device = next(self.model.parameters()).device
+        return torch.cat([self.model.reconstruct(x.to(device)).cpu() for x in self.real.split(self.batch_size)])
+
+    def with_interval(self, metric: str, value: float) -> dict[str, float]:
+        out = {metric: value}
+        if self.bootstrap is not None:
+            low, high = bootstrap_interval(metric, self.real_features.features, self.fake_features.features,
+                                           self.bootstrap.samples, self.bootstrap.alpha, self.seed)
+            out.update({f"{metric}_ci_low": low, f"{metric}_ci_high": high})
+        return out
 
 
 METRICS: Registry[Callable[[EvalContext], dict[str, float]]] = Registry("metric")
 
 
-def _feed(metric, images: torch.Tensor, real: bool, batch_size: int) -> None:
-    # torchmetrics moves neither its states nor the inputs: both go where the extractor runs.
-    for chunk in images.split(batch_size):
-        metric.update(chunk.to(metric.device), real=real)
-
-
-def _on_extractor_device(metric_class, extractor: torch.nn.Module, **kwargs):
-    """A torchmetrics image metric whose states live where `extractor` runs (FID/KID on a GPU)."""
-    return metric_class(feature=extractor, **kwargs).to(next(extractor.parameters()).device)
+def _features(extractor: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    device = next(extractor.parameters()).device
+    return torch.cat([extractor(chunk.to(device)) for chunk in images.split(batch_size)])
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor, extractor: torch.nn.Module, batch_size: int = 500) -> float:
-    from torchmetrics.image.fid import FrechetInceptionDistance  # slow import (~4 s): only when measuring
-
-    fid = _on_extractor_device(FrechetInceptionDistance, extractor, reset_real_features=True)
-    _feed(fid, real, True, batch_size)
-    _feed(fid, fake, False, batch_size)
-    return float(fid.compute())
+    """FID of two image sets under a feature extractor (images in [-1, 1] → (N, d))."""
+    return F.fid(_features(extractor, real, batch_size), _features(extractor, fake, batch_size))
 
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, extractor: torch.nn.Module, subset_size: int,
                     batch_size: int = 500) -> tuple[float, float]:
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    subset_size = min(subset_size, real.shape[0], fake.shape[0])
-    kid = _on_extractor_device(KernelInceptionDistance, extractor, subset_size=subset_size, subsets=50)
-    _feed(kid, real, True, batch_size)
-    _feed(kid, fake, False, batch_size)
-    mean, std = kid.compute()
-    return float(mean), float(std)
+    """KID (mean, std over subsets) of two image sets under a feature extractor."""
+    return F.kid(_features(extractor, real, batch_size), _features(extractor, fake, batch_size), subset_size)
 
 
 @METRICS.register("fid")
 def fid_metric(ctx: EvalContext) -> dict[str, float]:
-    return {"fid": frechet_distance(ctx.real, ctx.fake, FeatureExtractor(ctx.classifier), ctx.batch_size)}
+    return ctx.with_interval("fid", F.fid(ctx.real_features.features, ctx.fake_features.features))
 
 
 @METRICS.register("kid")
 def kid_metric(ctx: EvalContext) -> dict[str, float]:
-    mean, std = kernel_distance(ctx.real, ctx.fake, FeatureExtractor(ctx.classifier), ctx.kid_subset_size, ctx.batch_size)
-    return {"kid": mean, "kid_std": std}
+    mean, std = F.kid(ctx.real_features.features, ctx.fake_features.features, ctx.kid_subset_size)
+    return {**ctx.with_interval("kid", mean), "kid_std": std}
 
 
 @METRICS.register("class_coverage")
 def class_coverage(ctx: EvalContext) -> dict[str, float]:
     """How many classes the samples cover (each ≥ half its fair share) and how confidently."""
-    probs = predict(ctx.classifier, ctx.fake)
+    probs = ctx.fake_features.probs
     k = probs.shape[1]
     share = torch.bincount(probs.argmax(dim=1), minlength=k).float() / probs.shape[0]
     return {"classes_covered": int((share >= 0.5 / k).sum()), "sample_confidence": float(probs.max(dim=1).values.mean())}
+
+
+def inception_score(probs: torch.Tensor) -> float:
+    """exp(E_x KL(p(y|x) ‖ p(y))) over the whole set (Salimans et al., 2016), with the evaluator
+    classifier's p(y|x): 1 when every sample gets the same prediction, K for confident predictions
+    spread evenly over K classes."""
+    probs = probs.double()
+    marginal = probs.mean(dim=0, keepdim=True)  # p(y)
+    kl = (torch.special.xlogy(probs, probs) - torch.special.xlogy(probs, marginal)).sum(dim=1)
+    return float(kl.mean().exp())
+
+
+@METRICS.register("inception_score")
+def inception_score_metric(ctx: EvalContext) -> dict[str, float]:
+    return {"inception_score": inception_score(ctx.fake_features.probs)}
+
+
+@METRICS.register("precision_recall")
+def precision_recall(ctx: EvalContext) -> dict[str, float]:
+    return {key: ctx.manifold[key] for key in ("precision", "recall")}
+
+
+@METRICS.register("density_coverage")
+def density_coverage(ctx: EvalContext) -> dict[str, float]:
+    return {key: ctx.manifold[key] for key in ("density", "coverage")}
 
 
 @METRICS.register("recon_mse")
@@ -81,9 +140,58 @@ def recon_mse(ctx: EvalContext) -> dict[str, float]:
     """Mean squared reconstruction error in [0, 1] pixel units; only models that reconstruct."""
     if not hasattr(ctx.model, "reconstruct"):
         return {}
-    device = next(ctx.model.parameters()).device
-    errors = [
-        ((ctx.model.reconstruct(x.to(device)).cpu() - x.cpu()) / 2).pow(2).mean(dim=(1, 2, 3))
-        for x in ctx.real.split(ctx.batch_size)
-    ]
-    return {"recon_mse": float(torch.cat(errors).mean())}
+    return {"recon_mse": float(((ctx.reconstructions - ctx.real.cpu()) / 2).pow(2).mean())}
+
+
+def _unit_range(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+@METRICS.register("psnr")
+def psnr(ctx: EvalContext) -> dict[str, float]:
+    """Mean per-image PSNR (dB, data range [0, 1]) of reconstructions, each capped at PSNR_CAP_DB."""
+    if not hasattr(ctx.model, "reconstruct"):
+        return {}
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    per_image = peak_signal_noise_ratio(_unit_range(ctx.reconstructions), _unit_range(ctx.real), data_range=1.0,
+                                        reduction="none", dim=(1, 2, 3))
+    return {"psnr": float(per_image.clamp(max=PSNR_CAP_DB).mean())}
+
+
+@METRICS.register("ssim")
+def ssim(ctx: EvalContext) -> dict[str, float]:
+    """Mean SSIM (Wang et al., 2004; 11-px Gaussian window, data range [0, 1]) of reconstructions."""
+    if not hasattr(ctx.model, "reconstruct"):
+        return {}
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    recon, real = _unit_range(ctx.reconstructions), _unit_range(ctx.real)
+    per_image = torch.cat([structural_similarity_index_measure(r, x, data_range=1.0, reduction="none")
+                           for r, x in zip(recon.split(ctx.batch_size), real.split(ctx.batch_size))])
+    return {"ssim": float(per_image.mean())}
+
+
+@METRICS.register("elbo")
+@torch.no_grad()
+def elbo(ctx: EvalContext) -> dict[str, float]:
+    """ELBO (nats per image) of the held-out images and its bits/dim, −ELBO / (C·H·W · ln 2), for
+    models that declare a `likelihood` (VAE families: Bernoulli decoder on pixel intensities in
+    [0, 1], as they are trained). One latent draw per image from a seeded generator. The β weight
+    is left out: this is the true bound, recon + KL, whatever β trained the model. Conditional
+    models need the real images' labels (ctx.real_labels) and are skipped without them."""
+    model = ctx.model
+    if getattr(model, "likelihood", None) is None or (model.conditional and ctx.real_labels is None):
+        return {}
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(ctx.seed)
+    # Unconditional models ignore the labels their training step is given.
+    labels = ctx.real_labels if ctx.real_labels is not None else torch.zeros(ctx.real.shape[0], dtype=torch.long)
+    total = 0.0
+    for x, y in zip(ctx.real.split(ctx.batch_size), labels.split(ctx.batch_size)):
+        logs = {k: v for _, out in model.training_losses(x.to(device), y.to(device), generator)
+                for k, v in out.logs.items()}
+        total += float(logs["recon"] + logs["kl"]) * x.shape[0]  # both are means per image
+    negative_elbo = total / ctx.real.shape[0]
+    dims = math.prod(ctx.real.shape[1:])
+    return {"elbo": -negative_elbo, "bits_per_dim": negative_elbo / (dims * math.log(2))}

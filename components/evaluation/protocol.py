@@ -26,6 +26,8 @@ def score_protocol(cfg: EvaluateConfig, *, evaluator: str, dataset_version: str,
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
         "kid_subset_size": cfg.kid_subset_size,
+        "nearest_k": cfg.nearest_k,
+        "bootstrap": cfg.bootstrap.model_dump(),  # B and alpha set the stored intervals
         "metrics_code": source_hash("evaluation"),
         "image_size": image_size,  # samples and real images are compared at this size ...
         "classifier_input": INPUT_SIZE,  # ... then resized to the classifier's input
@@ -39,7 +41,8 @@ def protocol_key(protocol: dict) -> str:
 def evaluate_config(protocol: dict, metrics: list[str]) -> EvaluateConfig:
     """The evaluation settings that measure `metrics` under `protocol` (to score another model)."""
     return EvaluateConfig(metrics=metrics, num_samples=protocol["num_samples"], seed=protocol["seed"],
-                          kid_subset_size=protocol["kid_subset_size"], grid_size=1)
+                          kid_subset_size=protocol["kid_subset_size"], nearest_k=protocol["nearest_k"],
+                          bootstrap=protocol["bootstrap"], grid_size=1)
 
 
 def folder_hash(folder: Path) -> str:
