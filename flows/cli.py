@@ -251,11 +251,43 @@ def _predict(model, request: dict, what: str):
 
 
 def _registered_models() -> str:
+    from components.tracking.champion_lock import is_lock_model
     from components.tracking.runs import client
 
-    models = client().search_registered_models()
+    models = [m for m in client().search_registered_models() if not is_lock_model(m.name)]
     listed = [f"{m.name} (aliases: {', '.join(sorted(m.aliases)) or 'none'})" for m in models]
     return "; ".join(listed) or "none yet, run `genpipe retrain`"
+
+
+def cmd_promote(args) -> None:
+    from components.tracking.registry import RegistryRequestError, promote
+
+    try:
+        record = promote(args.name, args.version, args.reason)
+    except RegistryRequestError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{args.name}: champion v{record['from'] or '-'} -> v{record['to']} (promoted by {record['who']})")
+
+
+def cmd_rollback(args) -> None:
+    from components.tracking.registry import RegistryRequestError, rollback
+
+    try:
+        record = rollback(args.name, args.reason)
+    except RegistryRequestError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{args.name}: champion v{record['from']} -> v{record['to']} (rolled back by {record['who']})")
+
+
+def cmd_history(args) -> None:
+    from components.tracking.audit import table
+    from components.tracking.registry import RegistryRequestError, history
+
+    try:
+        records = history(args.name)
+    except RegistryRequestError as exc:
+        raise UsageError(str(exc)) from None
+    print(table(records) if records else f"{args.name}: no champion moves recorded yet")
 
 
 def cmd_ui(args) -> None:
@@ -333,6 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npy of uint8 N×C×H×W images, or one .png image")
     p.add_argument("--output", choices=["reconstruction", "latent"], default="reconstruction")
     p.add_argument("--out", type=Path, required=True, help=".png grid (input beside reconstruction) or .npy array")
+    p = add("promote", cmd_promote, "make a registered version the champion, recorded in the audit trail")
+    p.add_argument("name", metavar="NAME", help="registered model, e.g. fashion-mnist-dcgan")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--reason", required=True, help="why, for the audit trail")
+    p = add("rollback", cmd_rollback, "give `champion` back to the previous champion of the audit trail")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--reason", required=True, help="why, for the audit trail")
+    p = add("history", cmd_history, "print the champion's audit trail, oldest first")
+    p.add_argument("name", metavar="NAME")
     p = add("ui", cmd_ui, "serve the MLflow UI over genpipe's tracking store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)

@@ -4,12 +4,18 @@ One registration makes its writes in this order, so that a rerun after a crash a
 in the state an uninterrupted run leaves:
   1. the version, created once per model artefact with its lineage, metrics and score protocol
      as tags in one call (found again by its `model_md5` tag: never a second version of it);
-  2. `promotion.pending`: the decision and the champion version it was judged against;
+  2. `promotion.pending`: the decision, the champion version it was judged against, the evidence
+     (both intervals, the protocol) and the audit record of a promotion;
   3. the aliases: `challenger`, then `champion` if promoted and only if the champion is still the
      one compared with (otherwise ChampionChanged, and a retry judges against the new one);
-  4. `promotion.reason`, then `promotion.decision`: a version with a decision is finished;
+  4. the audit record of a promotion (components/tracking/audit.py), the evidence tags,
+     `promotion.reason`, then `promotion.decision`: a version with a decision is finished;
   5. `promotion.pending` deleted.
 A rerun finds a pending decision and finishes it rather than judging again.
+
+Steps 2-5 (and a person's promote / rollback) run under the model's champion lock
+(components/tracking/champion_lock.py): MLflow has no conditional alias update, so two registrations
+judging at once would both compare with the same champion and the last alias write would win.
 """
 from __future__ import annotations
 
@@ -24,11 +30,14 @@ from typing import Callable
 
 from components.config import RegistryConfig
 from components.evaluation.protocol import PROTOCOL_FILE, protocol_key
+from components.tracking import audit
+from components.tracking.champion_lock import ChampionLock, champion_lock, is_lock_model
 from components.tracking.runs import client, ensure_experiment
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_TAG = "model_md5"  # lineage tag, DVC hash of the model folder: one registered version per artefact
 PENDING, REASON, DECISION = "promotion.pending", "promotion.reason", "promotion.decision"
+EVIDENCE = ("challenger_ci", "champion_ci", "rule", "protocol")  # promotion.<key> tags, from the plan
 REQUIREMENTS = ["torch", "torchvision", "safetensors", "numpy", "pydantic", "pillow", "tqdm"]
 
 
@@ -38,6 +47,10 @@ class ChampionChanged(RuntimeError):
 
 class ChampionUnscorable(RuntimeError):
     """The champion cannot be scored under today's protocol (its code no longer loads, say)."""
+
+
+class RegistryRequestError(ValueError):
+    """A promote / rollback request the user can fix (unknown model or version, nothing to roll back)."""
 
 
 @dataclass(frozen=True)
@@ -72,13 +85,46 @@ def _champion(c, name: str):
     return None if champion is None else c.get_model_version(name, str(champion))
 
 
-def decide(metric: str, new_value: float, champion_value: float | None, margin: float) -> tuple[bool, str]:
-    """Whether a challenger takes `champion`: `metric` lower by more than `margin`."""
+Interval = tuple[float, float]
+
+
+def decide(metric: str, new_value: float, champion_value: float | None, margin: float, *,
+           new_ci: Interval | None, champion_ci: Interval | None) -> tuple[bool, str]:
+    """Whether a challenger takes `champion`; lower is better (FID, KID). It must beat the champion
+    by more than `margin` and, when both carry a confidence interval, beyond both: its upper bound
+    below the champion's lower bound (touching is not beyond). Without both intervals the margin alone
+    decides, and the reason says so."""
     if champion_value is None:
-        return True, f"first version: no champion yet ({metric} {new_value:.4g})"
-    if new_value < champion_value - margin:
-        return True, f"{metric} {new_value:.4g} beats champion's {champion_value:.4g} by more than {margin}"
-    return False, f"{metric} {new_value:.4g} does not beat champion's {champion_value:.4g} by {margin}"
+        return True, f"first version: no champion yet ({metric} {new_value:.4g}{_show(new_ci)})"
+    if not (math.isfinite(new_value) and math.isfinite(champion_value)):
+        return False, (f"{metric} {new_value:.4g} vs champion's {champion_value:.4g}: not both finite numbers, "
+                       f"no comparison; the champion stays")
+    scores = f"{metric} {new_value:.4g}{_show(new_ci)} vs champion's {champion_value:.4g}{_show(champion_ci)}"
+    by_margin = new_value < champion_value - margin
+    margin_text = f"{'better' if by_margin else 'not better'} by more than the margin {margin:g}"
+    missing = [side if ci is None else f"{side} (not a finite low <= high)"
+               for side, ci in (("challenger", new_ci), ("champion", champion_ci)) if not _valid(ci)]
+    if missing:
+        return by_margin, f"{scores}: {margin_text}; no interval for the {' and '.join(missing)}, margin alone decides"
+    apart = new_ci[1] < champion_ci[0]
+    intervals_text = "intervals apart" if apart else "intervals overlap or touch"
+    return by_margin and apart, f"{scores}: {intervals_text}, {margin_text}"
+
+
+def _valid(ci: Interval | None) -> bool:
+    return ci is not None and all(math.isfinite(v) for v in ci) and ci[0] <= ci[1]
+
+
+def _show(ci: Interval | None) -> str:
+    return f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci is not None else ""
+
+
+def interval(values: dict, metric: str) -> Interval | None:
+    """`metric`'s confidence interval from metrics.json values or `metric.*` tags; None when absent."""
+    low, high = values.get(f"{metric}_ci_low"), values.get(f"{metric}_ci_high")
+    if low is None or high is None:
+        return None
+    return float(low), float(high)
 
 
 def registered_already(name: str, model_md5: str) -> Registration | None:
@@ -120,22 +166,27 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
     if mv is None:
         tags = {**lineage, "protocol": json.dumps(protocol, sort_keys=True), "protocol_key": protocol_key(protocol)}
         mv = _log_and_register(c, name, model_dir, eval_dir, tags, metrics)
-    plan = json.loads(mv.tags[PENDING]) if PENDING in mv.tags else _judge(c, name, mv, float(value), cfg, protocol,
-                                                                          rescore)
-    _apply(c, name, str(mv.version), plan)
+    with champion_lock(c, name) as lock:  # judged and applied while no other registration moves the champion
+        mv = c.get_model_version(name, mv.version)  # as it is now, after waiting for the lock
+        if DECISION in mv.tags and PENDING not in mv.tags:  # another process registered this artefact meanwhile
+            return Registration(name, str(mv.version), "unchanged", "this model artefact is registered already")
+        plan = json.loads(mv.tags[PENDING]) if PENDING in mv.tags else _judge(
+            c, name, mv, float(value), interval(metrics, cfg.gating_metric), cfg, protocol, rescore)
+        _apply(c, name, str(mv.version), plan, lock)
     return Registration(name, str(mv.version), plan["decision"], plan["reason"])
 
 
-def _judge(c, name: str, mv, value: float, cfg: RegistryConfig, protocol: dict,
+def _judge(c, name: str, mv, value: float, value_ci: Interval | None, cfg: RegistryConfig, protocol: dict,
            rescore: Callable[[str, dict], float]) -> dict:
     """Decide against today's champion and record the decision as pending on the version."""
     metric, margin = cfg.gating_metric, cfg.min_improvement[cfg.gating_metric]
     champion = _champion(c, name)
     if champion is not None and str(champion.version) == str(mv.version):
         champion = None  # made champion by hand before it was judged: nothing to compare with
-    plan: dict = {"champion": None if champion is None else str(champion.version)}
+    plan: dict = {"champion": None if champion is None else str(champion.version), "protocol": protocol_key(protocol),
+                  "challenger_ci": value_ci, "champion_ci": None}
     if champion is None:
-        promote, reason = decide(metric, value, None, margin)
+        promote, reason = decide(metric, value, None, margin, new_ci=value_ci, champion_ci=None)
     else:
         try:
             champion_value = _champion_score(c, name, champion, metric, protocol, rescore)
@@ -145,12 +196,25 @@ def _judge(c, name: str, mv, value: float, cfg: RegistryConfig, protocol: dict,
             reason = (f"champion v{champion.version} cannot be scored under today's protocol ({why}); {metric} "
                       f"{value:.4g} {'is within' if promote else 'exceeds'} registry.ceiling.{metric} {ceiling:g}")
         else:
-            promote, reason = decide(metric, value, champion_value, margin)
-            plan["champion_score"] = champion_value
+            champion_ci = _champion_interval(champion, metric, protocol)
+            promote, reason = decide(metric, value, champion_value, margin, new_ci=value_ci, champion_ci=champion_ci)
+            plan["champion_score"], plan["champion_ci"] = champion_value, champion_ci
+    plan["rule"] = (f"{metric} lower by more than registry.min_improvement {margin:g}"
+                    + (" and beyond both intervals" if _valid(value_ci) and _valid(plan["champion_ci"]) else ""))
     plan["decision"] = ("champion" if champion is None else "promoted") if promote else "kept"
     plan["reason"] = reason
+    if promote:
+        plan["audit"] = audit.new_record("register", plan["champion"], str(mv.version), reason)
     c.set_model_version_tag(name, mv.version, PENDING, json.dumps(plan, sort_keys=True))
     return plan
+
+
+def _champion_interval(champion, metric: str, protocol: dict) -> Interval | None:
+    """The champion's interval of `metric` when it was scored under `protocol` at registration (a
+    re-score is a point estimate: None)."""
+    if champion.tags.get("protocol_key") != protocol_key(protocol):
+        return None
+    return interval({k.removeprefix("metric."): v for k, v in champion.tags.items()}, metric)
 
 
 def _champion_score(c, name: str, champion, metric: str, protocol: dict,
@@ -177,8 +241,9 @@ def _champion_score(c, name: str, champion, metric: str, protocol: dict,
     return value
 
 
-def _apply(c, name: str, version: str, plan: dict) -> None:
+def _apply(c, name: str, version: str, plan: dict, lock: ChampionLock) -> None:
     """Move the aliases as planned, unless the champion changed since the plan was made."""
+    lock.check()
     current = _champion(c, name)
     current_version = None if current is None else str(current.version)
     if current_version not in (plan["champion"], version):
@@ -190,11 +255,104 @@ def _apply(c, name: str, version: str, plan: dict) -> None:
         c.set_registered_model_alias(name, CHALLENGER, version)
     if plan["decision"] != "kept" and current_version != version:
         c.set_registered_model_alias(name, CHAMPION, version)
+    if "audit" in plan:  # after the move it records; the same key again when a rerun finishes the plan
+        audit.write(c, name, *plan["audit"])
+    for key in EVIDENCE:
+        if key in plan:  # plans left pending by a version before intervals have none
+            value = plan[key]
+            c.set_model_version_tag(name, version, f"promotion.{key}", value if isinstance(value, str) else
+                                    "none" if value is None else json.dumps(value))
     if "champion_score" in plan:
         c.set_model_version_tag(name, version, "promotion.champion_score", repr(plan["champion_score"]))
     c.set_model_version_tag(name, version, REASON, plan["reason"])
     c.set_model_version_tag(name, version, DECISION, plan["decision"])
     c.delete_model_version_tag(name, version, PENDING)
+
+
+def promote(name: str, version: str, reason: str) -> dict:
+    """A person makes `version` the champion; returns the audit record written."""
+    c = client()
+    _check_request(c, name, reason)  # before locking: no lock model is left for a mistyped name
+    with champion_lock(c, name) as lock:
+        try:
+            c.get_model_version(name, version)
+        except Exception as exc:
+            if not _is_not_found(exc) and getattr(exc, "error_code", None) != "INVALID_PARAMETER_VALUE":
+                raise
+            raise RegistryRequestError(f"VERSION {version}: {name} has no version {version} "
+                                       f"(versions: {_versions(c, name)})") from None
+        current = _champion(c, name)
+        if current is not None and str(current.version) == str(version):
+            raise RegistryRequestError(f"VERSION {version}: already {name}'s champion")
+        return _move_champion(c, name, lock, "promote", None if current is None else str(current.version),
+                              str(version), reason)
+
+
+def rollback(name: str, reason: str) -> dict:
+    """The champion goes back to the one before it in the audit trail; returns the record written."""
+    c = client()
+    _check_request(c, name, reason)
+    with champion_lock(c, name) as lock:
+        model = c.get_registered_model(name)
+        current = _champion(c, name)
+        if current is None:
+            raise RegistryRequestError(f"NAME {name}: has no champion to roll back")
+        stack = audit.champion_stack(audit.trail(model))
+        if stack and stack[-1] != str(current.version):
+            raise RegistryRequestError(
+                f"NAME {name}: its champion v{current.version} was set outside genpipe (the audit trail ends at "
+                f"v{stack[-1]}); choose the version: genpipe promote {name} VERSION --reason ...")
+        if len(stack) < 2:
+            raise RegistryRequestError(
+                f"NAME {name}: no previous champion recorded in its audit trail (genpipe history {name}); "
+                f"choose the version: genpipe promote {name} VERSION --reason ...")
+        target = stack[-2]
+        try:
+            c.get_model_version(name, target)
+        except Exception as exc:
+            if not _is_not_found(exc):
+                raise
+            raise RegistryRequestError(f"NAME {name}: the previous champion v{target} was deleted; "
+                                       f"choose the version: genpipe promote {name} VERSION --reason ...") from None
+        return _move_champion(c, name, lock, "rollback", str(current.version), target, reason)
+
+
+def history(name: str) -> list[dict]:
+    """NAME's audit records, oldest first."""
+    return audit.trail(_registered(client(), name))
+
+
+def _move_champion(c, name: str, lock: ChampionLock, action: str, from_version: str | None, to_version: str,
+                   reason: str) -> dict:
+    key, record = audit.new_record(action, from_version, to_version, reason)
+    lock.check()
+    c.set_registered_model_alias(name, CHAMPION, to_version)
+    audit.write(c, name, key, record)
+    return record
+
+
+def _check_request(c, name: str, reason: str) -> None:
+    if not reason.strip():
+        raise RegistryRequestError("reason: empty; say why the champion changes (it goes to the audit trail)")
+    _registered(c, name)
+
+
+def _registered(c, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_registered_model(name)
+    except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise
+    models = sorted(m.name for m in c.search_registered_models() if not is_lock_model(m.name))
+    raise RegistryRequestError(f"NAME {name}: no registered model of that name (registered: "
+                               f"{', '.join(models) or 'none'})")
+
+
+def _versions(c, name: str) -> str:
+    versions = sorted(int(mv.version) for mv in c.search_model_versions(f"name='{name}'"))
+    return ", ".join(map(str, versions)) or "none"
 
 
 def pip_requirements() -> list[str]:
