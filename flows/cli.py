@@ -290,6 +290,19 @@ def cmd_history(args) -> None:
     print(table(records) if records else f"{args.name}: no champion moves recorded yet")
 
 
+def cmd_report(args) -> None:
+    from components.reporting.report import ReportError, build_report
+    from components.workspace import write_text_atomic
+
+    try:
+        page = build_report(args.model, args.data, seed=args.seed, count=args.n)
+    except ReportError as exc:
+        raise UsageError(str(exc)) from None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out, page)
+    print(f"wrote the report of {args.model} to {args.out} ({len(page) // 1024} KB, self-contained)")
+
+
 def cmd_ui(args) -> None:
     from components.state import mlflow_artifact_root, mlflow_tracking_uri, redact_uri
 
@@ -374,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True, help="why, for the audit trail")
     p = add("history", cmd_history, "print the champion's audit trail, oldest first")
     p.add_argument("name", metavar="NAME")
+    p = add("report", cmd_report, "write one self-contained HTML report of a registered version")
+    p.add_argument("model", metavar="NAME@ALIAS", help="or NAME/VERSION, e.g. fashion-mnist-dcgan@champion")
+    p.add_argument("--out", type=Path, default=Path("report.html"))
+    p.add_argument("--data", type=Path, default=Path("artifacts/dataset"),
+                   help="the packed dataset (its test split is the reference, its train split is searched "
+                        "for near copies of samples)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", type=int, default=64, help="images in the grids")
     p = add("ui", cmd_ui, "serve the MLflow UI over genpipe's tracking store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)

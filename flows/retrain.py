@@ -92,7 +92,23 @@ def register(model: str, params: Params) -> Registration:
 
     result = register_model(name, model_dir, eval_dir, lineage, params.registry, rescore)
     get_run_logger().info("%s v%s: %s (%s)", result.name, result.version, result.decision, result.reason)
+    _log_report(result, data_dir)
     return result
+
+
+def _log_report(registration: Registration, data_dir: Path) -> None:
+    """The new version's HTML report, logged with its run. The registration has been made: a
+    report that cannot be drawn is a warning, never a failed registration."""
+    from components.reporting.report import log_report
+
+    logger = get_run_logger()
+    try:
+        uri = log_report(registration.name, registration.version, data_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure of the pictures leaves the registry as it is
+        logger.warning("%s v%s: no report (%s: %s)", registration.name, registration.version,
+                       type(exc).__name__, exc)
+    else:
+        logger.info("%s v%s: report at %s", registration.name, registration.version, uri)
 
 
 @flow(name="retrain", log_prints=True)

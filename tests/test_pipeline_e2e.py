@@ -102,6 +102,8 @@ def test_first_run_trains_evaluates_registers_and_pushes(workspace, client):
         assert "eval.fid" in run.data.metrics and run.info.status == "FINISHED"
         assert client.get_metric_history(run.info.run_id, "images_per_sec"), "no live training metrics"
         assert any(a.path == "eval" for a in client.list_artifacts(run.info.run_id))
+        report = client.download_artifacts(champion.run_id, "report/report.html")  # each new version's report
+        assert f"<title>{name} v1</title>" in Path(report).read_text()
 
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout
