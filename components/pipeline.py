@@ -155,12 +155,13 @@ def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Pa
     model = load_trained_model(Path(model_dir), device=str(device()))
     classifier = load_classifier(classifier_dir)
     real, real_labels = load_split(data_dir, "test")
+    train, _ = load_split(data_dir, "train")  # fid_floor's real side: FID(train subset, reference)
     protocol = score_protocol(params.evaluate, evaluator=folder_hash(classifier_dir),
                               dataset_version=dataset_version(data_dir), image_size=model.image_size)
     kind = FAMILIES.get(params.model(name).family).kind
     with staged_dir(out_dir) as tmp:
         metrics = evaluate_model(model, classifier, real, params.evaluate, grid_path=tmp / "grid.png", kind=kind,
-                                 real_labels=real_labels)
+                                 real_labels=real_labels, train_u8=train, classifier_config=params.classifier)
         metrics.update(live_weight_scores(model, Path(model_dir), classifier, real, params, kind))
         write_json(metrics, tmp / "metrics.json")
         write_pictures(model, real, real_labels, read_manifest(data_dir)["classes"], tmp / "pictures",
@@ -184,16 +185,17 @@ def live_weight_scores(model, model_dir: Path, classifier, real, params: Params,
     averaged = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(load_file(str(live_path)))
     try:
-        cfg = params.evaluate.model_copy(update={"metrics": [metric]})
+        cfg = params.evaluate.model_copy(update={"metrics": [metric], "bootstrap": None})  # the value is all it needs
         scores = evaluate_model(model, classifier, real, cfg, kind=kind)
     finally:
         model.load_state_dict(averaged)
     return {f"{metric}_live": scores[metric]}
 
 
-def rescore_registered(model_uri: str, metric: str, protocol: dict, data_dir: Path, classifier_dir: Path) -> float:
-    """`metric` of a registered model under `protocol`: its samples or reconstructions, made by the
-    model's own registered code (in a subprocess), scored here with today's evaluator and held-out data."""
+def rescore_registered(model_uri: str, metric: str, protocol: dict, data_dir: Path, classifier_dir: Path) -> dict:
+    """`metric` (and its interval, `<metric>_ci_low/high`) of a registered model under `protocol`: its
+    samples or reconstructions, made by the model's own registered code (in a subprocess), scored here
+    with today's evaluator and held-out data."""
     import torch
 
     from components.evaluation.evaluate import NonFiniteMetric, reference_subset, score_samples
@@ -210,4 +212,4 @@ def rescore_registered(model_uri: str, metric: str, protocol: dict, data_dir: Pa
                                protocol["image_size"])
     except (RegisteredModelUnloadable, NonFiniteSamples, NonFiniteMetric) as exc:
         raise ChampionUnscorable(str(exc)) from exc
-    return float(scores[metric])
+    return {k: v for k, v in scores.items() if k in (metric, f"{metric}_ci_low", f"{metric}_ci_high")}

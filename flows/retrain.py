@@ -87,7 +87,7 @@ def register(model: str, params: Params) -> Registration:
     }
     metric = params.registry.gating_metric
 
-    def rescore(version: str, protocol: dict) -> float:
+    def rescore(version: str, protocol: dict) -> dict:
         return rescore_registered(f"models:/{name}/{version}", metric, protocol, data_dir, classifier_dir)
 
     result = register_model(name, model_dir, eval_dir, lineage, params.registry, rescore)

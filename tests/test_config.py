@@ -36,7 +36,7 @@ def test_shipped_params_load():
     assert params.model("dcgan").family == "dcgan"
     assert type(params.model("dcgan")).__name__ == "DCGANConfig"  # the family's own config class
     assert params.model("dcgan").ngf == 64
-    assert params.evaluate.metrics == ["fid", "kid", "class_coverage", "inception_score", "precision_recall",
+    assert params.evaluate.metrics == ["fid", "fid_floor", "kid", "class_coverage", "inception_score", "precision_recall",
                                        "density_coverage", "recon_mse", "psnr", "ssim", "elbo"]
     assert params.registry.gating_metric == "fid"
 

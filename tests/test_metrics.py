@@ -139,7 +139,8 @@ def test_recon_mse_only_for_models_that_reconstruct(classifier, real):
 
 
 def test_unknown_metric_lists_valid():
-    with pytest.raises(ValueError, match=r"unknown metric 'is'; valid: class_coverage, density_coverage, elbo, fid, inception_score, kid, "
+    with pytest.raises(ValueError, match=r"unknown metric 'is'; valid: cas, class_coverage, density_coverage, elbo, fid, fid_floor, "
+                                         r"inception_score, kid, "
                                          r"precision_recall, psnr, recon_mse, ssim"):
         METRICS.get("is")
 

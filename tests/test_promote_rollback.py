@@ -15,7 +15,8 @@ import pytest
 
 from test_registry import CFG, PROTOCOL, make_candidate
 from components.tracking import audit, registry
-from components.tracking.champion_lock import HEARTBEAT, OWNER, LockBusy, LockLost, champion_lock
+from components.tracking.champion_lock import (HEARTBEAT, INTERNAL, OWNER, RELEASED, LockBusy, LockLost,
+                                                champion_lock)
 from components.tracking.registry import CHAMPION, RegistryRequestError, promote, register_model, rollback
 from components.training.checkpoint import write_json
 
@@ -200,6 +201,84 @@ def test_a_live_holder_keeps_its_lock_and_a_broken_holder_stops_writing(store):
         with champion_lock(store, NAME, stale_s=0.4, wait_s=10):
             with pytest.raises(LockLost, match="taken over"):
                 holder.check()
+            with pytest.raises(LockLost, match="taken over .* its last write may have raced"):
+                holder.confirm()
+
+
+def test_a_holder_whose_heartbeat_stops_landing_stops_writing_before_anyone_takes_over(store):
+    with champion_lock(store, NAME, stale_s=2, wait_s=10) as holder:
+        holder.check()
+        holder._stop.set()  # the server stops answering its heartbeats
+        time.sleep(1.1)
+        with pytest.raises(LockLost, match=rf"no heartbeat of {NAME}\.lock\.1 has landed for [\d.]+ s"):
+            holder.check()  # more than half the stale window: a write now could land after a take-over
+        holder.confirm()  # still the newest epoch: what it wrote before is safe
+
+
+def test_a_failure_right_after_taking_the_lock_leaves_it_free(store, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    search, calls = store.search_registered_models, []
+
+    def search_failing_once_after_create(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # the read that verifies the epoch just created
+            raise MlflowException("the tracking server went away")
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(store, "search_registered_models", search_failing_once_after_create)
+    with pytest.raises(MlflowException, match="went away"):
+        with champion_lock(store, NAME, stale_s=300, wait_s=10):
+            pytest.fail("the lock must not be held")
+    assert RELEASED in store.get_registered_model(f"{NAME}.lock.1").tags
+    start = time.monotonic()
+    with champion_lock(store, NAME, stale_s=300, wait_s=10) as lock:  # at once, not after the 300 s stale window
+        assert lock.epoch == 2 and time.monotonic() - start < 5
+
+
+def test_a_create_whose_answer_was_lost_and_retried_is_taken_as_ours(store, monkeypatch):
+    create = store.create_registered_model
+
+    def create_retried_after_a_lost_answer(*args, **kwargs):
+        create(*args, **kwargs)  # it lands, the answer is lost, the client sends it again
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(store, "create_registered_model", create_retried_after_a_lost_answer)
+    with champion_lock(store, NAME, stale_s=300, wait_s=2) as lock:
+        assert lock.epoch == 1
+        lock.check()
+
+    def another_process_creates_it_first(model_name, tags, description):
+        create(model_name, tags={**tags, OWNER: "host:1:other"}, description=description)
+        return create(model_name, tags=tags, description=description)
+
+    monkeypatch.setattr(store, "create_registered_model", another_process_creates_it_first)
+    with pytest.raises(LockBusy, match=f"{NAME}.lock.2, owner host:1:other"):  # its ALREADY_EXISTS is a loss
+        with champion_lock(store, NAME, stale_s=300, wait_s=0.5):
+            pass
+
+
+def test_an_older_epoch_another_user_may_not_delete_is_left_the_newest_decides(store, monkeypatch):
+    from mlflow.exceptions import RestException
+
+    store.create_registered_model(f"{NAME}.lock.3", tags={OWNER: "host:1:bob", HEARTBEAT: "5", RELEASED: "1"})
+
+    def delete_denied(model_name):  # as a tracking server with basic auth answers another user's model
+        raise RestException({"error_code": "PERMISSION_DENIED", "message": f"no MANAGE permission on {model_name}"})
+
+    monkeypatch.setattr(store, "delete_registered_model", delete_denied)
+    with champion_lock(store, NAME, stale_s=300, wait_s=2) as lock:
+        assert lock.epoch == 4
+    with champion_lock(store, NAME, stale_s=300, wait_s=2) as lock:
+        assert lock.epoch == 5
+    assert sorted(m.name for m in store.search_registered_models()) == [f"{NAME}.lock.{n}" for n in (3, 4, 5)]
+
+
+def test_lock_models_are_marked_as_not_models(store):
+    with champion_lock(store, NAME, stale_s=300, wait_s=2) as lock:
+        model = store.get_registered_model(lock.model_name)
+    assert model.tags[INTERNAL] == "true"
+    assert model.description == f"genpipe's champion lock for {NAME}; not a model"
 
 
 # --- two registrations at once ---------------------------------------------------------------------

@@ -346,3 +346,26 @@ def test_registered_samples_come_from_the_models_own_code_snapshot(tmp_path, sto
     assert "genpipe-champion-" not in str(unloadable.value), "no temp path of this machine in the reason"
     with pytest.raises(RegisteredModelUnloadable, match=f"models:/{NAME}/99"):  # gone for good: not a retry
         registered_images(f"models:/{NAME}/99", reference[:2], seed=0)
+
+
+def test_a_rescored_champions_interval_is_stored_and_judged(tmp_path, store):
+    """A champion scored again under a new protocol brings its interval along: the gate still
+    compares intervals, and the interval is stored beside the re-score, so it is measured once."""
+    from components.evaluation.protocol import protocol_key
+
+    register(make_candidate(tmp_path, 1, 60.0))  # v1, champion under PROTOCOL
+    model_dir, eval_dir, lineage = make_candidate(tmp_path, 2, 40.0)
+    write_json({"fid": 40.0, "fid_ci_low": 38.0, "fid_ci_high": 55.0}, eval_dir / "metrics.json")
+    calls = []
+
+    def rescore(version, protocol):
+        calls.append(version)
+        return {"fid": 50.0, "fid_ci_low": 45.0, "fid_ci_high": 56.0}
+
+    result = register((model_dir, eval_dir, lineage), protocol=OTHER_PROTOCOL, rescore=rescore)
+    assert calls == ["1"] and result.decision == "kept"  # 10 better, but the intervals overlap
+    assert "intervals overlap" in result.reason
+    tags = store.get_model_version(NAME, "1").tags
+    key = protocol_key(OTHER_PROTOCOL)
+    assert float(tags[f"score.{key}.fid_ci_low"]) == 45.0 and float(tags[f"score.{key}.fid_ci_high"]) == 56.0
+    assert store.get_model_version(NAME, "2").tags["promotion.champion_ci"] == "[45.0, 56.0]"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from components.config import EvaluateConfig
+from components.config import ClassifierConfig, EvaluateConfig
 from components.evaluation.classifier import Classifier
 from components.evaluation.grid import evaluation_images, save_grid
 from components.evaluation.metrics import METRICS, EvalContext
@@ -33,13 +33,15 @@ def reference_subset(real_u8: torch.Tensor, cfg: EvaluateConfig) -> torch.Tensor
 
 def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Classifier, cfg: EvaluateConfig,
                   image_size: int, model: GenerativeModel | None = None,
-                  real_labels: torch.Tensor | None = None) -> dict[str, float]:
+                  real_labels: torch.Tensor | None = None, train_u8: torch.Tensor | None = None,
+                  classifier_config: ClassifierConfig | None = None) -> dict[str, float]:
     """Metrics in cfg.metrics of uint8 samples against the reference subset of real_u8, both
     compared at `image_size` (the protocol's, whatever size the samples come in).
 
     Everything is computed on the classifier's device. `model` is needed only by metrics that use
     the model itself (recon_mse, psnr, ssim, elbo); without it they are skipped. `real_labels`
-    (class ids of real_u8) let a conditional model's ELBO be measured.
+    (class ids of real_u8) let a conditional model's ELBO and CAS be measured; `train_u8` (real
+    training images) the dataset's fid_floor; `classifier_config` (the `classifier:` params) CAS.
     """
     pick = reference_indices(real_u8.shape[0], cfg)
     real_u8 = real_u8[pick]
@@ -54,6 +56,8 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
         bootstrap=cfg.bootstrap,
         seed=cfg.seed,
         real_labels=None if real_labels is None else torch.as_tensor(real_labels)[pick],
+        train_u8=train_u8,
+        classifier_config=classifier_config,
     )
     results: dict[str, float] = {"num_samples": real_u8.shape[0]}
     with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global RNG: same model, same score
@@ -68,13 +72,15 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
 
 def evaluate_model(model: GenerativeModel, classifier: Classifier, real_u8: torch.Tensor, cfg: EvaluateConfig,
                    grid_path: Path | None = None, kind: TaskKind = "generate",
-                   real_labels: torch.Tensor | None = None) -> dict[str, float]:
+                   real_labels: torch.Tensor | None = None, train_u8: torch.Tensor | None = None,
+                   classifier_config: ClassifierConfig | None = None) -> dict[str, float]:
     """Metrics in cfg.metrics of the model's images against the reference subset of held-out real
     images, by its family's task `kind`: a sampler's samples (fixed seed), as many as the reference
     holds; a reconstructor's reconstructions of the reference images themselves."""
     reference = reference_subset(real_u8, cfg)
     fake = evaluation_images(model, kind, reference, cfg.seed)
-    results = score_samples(fake, real_u8, classifier, cfg, model.image_size, model=model, real_labels=real_labels)
+    results = score_samples(fake, real_u8, classifier, cfg, model.image_size, model=model, real_labels=real_labels,
+                            train_u8=train_u8, classifier_config=classifier_config)
     if grid_path is not None:
         images, nrow = GRIDS[kind](fake, reference, cfg.grid_size, model.image_size)
         save_grid(images, grid_path, nrow=nrow)

@@ -1,14 +1,17 @@
-"""Bootstrap percentile intervals for FID and KID (Efron & Tibshirani, 1993, ch. 13): both feature
-sets are resampled with replacement, B times, from a seeded generator of their own (so the same
-evaluation gives the same interval, and the global RNG that KID's subsets use is left alone).
+"""Bootstrap intervals for FID and KID (Efron & Tibshirani, 1993): both feature sets are resampled
+with replacement, B times, from a seeded generator of their own (so the same evaluation gives the
+same interval, and the global RNG that KID's subsets use is left alone).
 
-FID is biased upward by finite samples, and a resample (about 63 % distinct images) more so: when
-the FID is close to that bias (two near-identical sets) the replicates sit above the estimate and
-the percentile interval may not hold it. KID's replicates leave out pairs of copies of one image,
-as its unbiased estimator leaves out i = j, so KID has no such drift.
+The interval is the percentile interval shifted by the bootstrap's estimate of its own bias
+(Efron & Tibshirani, ch. 10): [q(α/2) − b, q(1 − α/2) − b] with b = mean(replicates) − estimate.
+FID is biased upward by finite samples, and a resample (about 63 % distinct images) more so: the
+plain percentile interval then sits wholly above the estimate (measured at d = 128, n = 5000:
+FID 1.06, percentile interval [2.00, 2.21]). KID's replicates leave out pairs of copies of one
+image, as its unbiased estimator leaves out i = j, so its b is about 0.
 
 A resample is held as counts c (how often each image was drawn), so a replicate's statistics are
-count-weighted sums over the original features: no resampled copies, memory bounded by chunks.
+count-weighted sums over the original features: no resampled copies. Memory is B × d² numbers for
+FID's covariances (26 MB at d = 128, B = 200; 6.7 GB at Inception's d = 2048: lower B there).
 """
 from __future__ import annotations
 
@@ -103,8 +106,14 @@ REPLICATES = {"fid": fid_replicates, "kid": kid_replicates}
 
 def bootstrap_interval(metric: str, real: torch.Tensor, fake: torch.Tensor, samples: int, alpha: float,
                        seed: int) -> tuple[float, float]:
-    """Percentile interval of `metric` ("fid" or "kid") over `samples` resamples of both feature sets."""
+    """Bias-corrected percentile interval of `metric` ("fid" or "kid") over `samples` resamples of
+    both feature sets (see the module docstring)."""
     generator = torch.Generator().manual_seed(seed)
     real_counts = resample_counts(real.shape[0], samples, generator)
     fake_counts = resample_counts(fake.shape[0], samples, generator)
-    return percentile_interval(REPLICATES[metric](real, fake, real_counts, fake_counts), alpha)
+    replicates = REPLICATES[metric](real, fake, real_counts, fake_counts)
+    ones = (torch.ones(1, real.shape[0], dtype=torch.float64), torch.ones(1, fake.shape[0], dtype=torch.float64))
+    estimate = REPLICATES[metric](real, fake, *ones)[0]  # the statistic on the sets themselves
+    bias = float(replicates.mean() - estimate)
+    low, high = percentile_interval(replicates, alpha)
+    return low - bias, high - bias

@@ -4,6 +4,10 @@ dict goes to metrics.json (DVC) and MLflow.
 The evaluator classifier's features of the real and the generated images are extracted once per
 evaluation (lazily, on first use) and shared by every metric; so are a reconstructing model's
 reconstructions and the real set's k-NN radii.
+
+Every stage command imports this registry (params.yaml's validation checks metric names), so the
+metric maths (features, intervals, manifold) is imported where it is used: only the evaluate stage
+depends on it (dvc.yaml), and a change to it reruns evaluations, not ingestion and training.
 """
 from __future__ import annotations
 
@@ -14,11 +18,9 @@ from typing import Callable
 
 import torch
 
-from components.config import BootstrapConfig
-from components.evaluation import features as F
-from components.evaluation.classifier import Classifier
-from components.evaluation.intervals import bootstrap_interval
-from components.evaluation.manifold import knn_radii, manifold_scores
+from components.config import BootstrapConfig, ClassifierConfig
+from components.evaluation.classifier import Classifier, accuracy, train_classifier
+from components.images import to_model_input
 from components.models.base import GenerativeModel
 from components.registry import Registry
 
@@ -38,18 +40,26 @@ class EvalContext:
     nearest_k: int | None = None  # k of the k-NN manifolds; needed by precision_recall, density_coverage
     bootstrap: BootstrapConfig | None = None  # None: FID and KID without intervals
     seed: int = 0  # of the bootstrap resamples and the ELBO's latent draws
-    real_labels: torch.Tensor | None = None  # class ids of `real`; conditional models' ELBO needs them
+    real_labels: torch.Tensor | None = None  # class ids of `real`; conditional models' ELBO and CAS need them
+    train_u8: torch.Tensor | None = None  # the real training images (uint8); fid_floor needs them
+    classifier_config: ClassifierConfig | None = None  # the `classifier:` params; CAS trains with them
 
     @cached_property
     def real_features(self) -> F.FeatureSet:
+        from components.evaluation import features as F
+        
         return F.extract(self.classifier, self.real, self.batch_size)
 
     @cached_property
     def fake_features(self) -> F.FeatureSet:
+        from components.evaluation import features as F
+        
         return F.extract(self.classifier, self.fake, self.batch_size)
 
     @cached_property
     def manifold(self) -> dict[str, float]:
+        from components.evaluation.manifold import knn_radii, manifold_scores
+        
         if self.nearest_k is None:
             raise ValueError("precision_recall and density_coverage need evaluate.nearest_k (the k of the k-NN balls)")
         real = self.real_features.features
@@ -63,6 +73,8 @@ class EvalContext:
         return torch.cat([self.model.reconstruct(x.to(device)).cpu() for x in self.real.split(self.batch_size)])
 
     def with_interval(self, metric: str, value: float) -> dict[str, float]:
+        from components.evaluation.intervals import bootstrap_interval
+        
         out = {metric: value}
         if self.bootstrap is not None:
             low, high = bootstrap_interval(metric, self.real_features.features, self.fake_features.features,
@@ -74,6 +86,7 @@ class EvalContext:
 METRICS: Registry[Callable[[EvalContext], dict[str, float]]] = Registry("metric")
 
 
+@torch.no_grad()
 def _features(extractor: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     device = next(extractor.parameters()).device
     return torch.cat([extractor(chunk.to(device)) for chunk in images.split(batch_size)])
@@ -81,24 +94,55 @@ def _features(extractor: torch.nn.Module, images: torch.Tensor, batch_size: int)
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor, extractor: torch.nn.Module, batch_size: int = 500) -> float:
     """FID of two image sets under a feature extractor (images in [-1, 1] → (N, d))."""
+    from components.evaluation import features as F
+
     return F.fid(_features(extractor, real, batch_size), _features(extractor, fake, batch_size))
 
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, extractor: torch.nn.Module, subset_size: int,
                     batch_size: int = 500) -> tuple[float, float]:
     """KID (mean, std over subsets) of two image sets under a feature extractor."""
+    from components.evaluation import features as F
+
     return F.kid(_features(extractor, real, batch_size), _features(extractor, fake, batch_size), subset_size)
 
 
 @METRICS.register("fid")
 def fid_metric(ctx: EvalContext) -> dict[str, float]:
+    from components.evaluation import features as F
+
     return ctx.with_interval("fid", F.fid(ctx.real_features.features, ctx.fake_features.features))
 
 
 @METRICS.register("kid")
 def kid_metric(ctx: EvalContext) -> dict[str, float]:
+    from components.evaluation import features as F
+
     mean, std = F.kid(ctx.real_features.features, ctx.fake_features.features, ctx.kid_subset_size)
     return {**ctx.with_interval("kid", mean), "kid_std": std}
+
+
+def floor_subset(train_u8: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` real training images, a seeded random subset, to set the FID floor against a reference
+    of that size."""
+    if train_u8.shape[0] < count:
+        raise ValueError(f"fid_floor needs {count} training images (evaluate.num_samples), the train split has "
+                         f"{train_u8.shape[0]}; lower evaluate.num_samples or drop fid_floor from evaluate.metrics")
+    return train_u8[torch.randperm(train_u8.shape[0], generator=torch.Generator().manual_seed(seed))[:count]]
+
+
+@METRICS.register("fid_floor")
+def fid_floor(ctx: EvalContext) -> dict[str, float]:
+    """FID of real training images against the reference, as many and through the same protocol
+    (compared at the reference's size): what a perfect model of the data would score, the dataset's
+    floor beside every FID. Skipped without the training images."""
+    from components.evaluation import features as F
+
+    if ctx.train_u8 is None:
+        return {}
+    device = next(ctx.classifier.parameters()).device
+    train = to_model_input(floor_subset(ctx.train_u8, ctx.real.shape[0], ctx.seed), ctx.real.shape[-1], device)
+    return {"fid_floor": F.fid(F.extract(ctx.classifier, train, ctx.batch_size).features, ctx.real_features.features)}
 
 
 @METRICS.register("class_coverage")
@@ -187,11 +231,40 @@ def elbo(ctx: EvalContext) -> dict[str, float]:
     generator = torch.Generator(device).manual_seed(ctx.seed)
     # Unconditional models ignore the labels their training step is given.
     labels = ctx.real_labels if ctx.real_labels is not None else torch.zeros(ctx.real.shape[0], dtype=torch.long)
-    total = 0.0
-    for x, y in zip(ctx.real.split(ctx.batch_size), labels.split(ctx.batch_size)):
-        logs = {k: v for _, out in model.training_losses(x.to(device), y.to(device), generator)
-                for k, v in out.logs.items()}
-        total += float(logs["recon"] + logs["kl"]) * x.shape[0]  # both are means per image
+    total, was_training = 0.0, model.training
+    model.eval()  # batch norm with its running statistics, and none of them updated by this pass
+    try:
+        with torch.no_grad():
+            for x, y in zip(ctx.real.split(ctx.batch_size), labels.split(ctx.batch_size)):
+                logs = {k: v for _, out in model.training_losses(x.to(device), y.to(device), generator)
+                        for k, v in out.logs.items()}
+                total += float(logs["recon"] + logs["kl"]) * x.shape[0]  # both are means per image
+    finally:
+        model.train(was_training)
     negative_elbo = total / ctx.real.shape[0]
     dims = math.prod(ctx.real.shape[1:])
     return {"elbo": -negative_elbo, "bits_per_dim": negative_elbo / (dims * math.log(2))}
+
+
+@METRICS.register("cas")
+def classification_accuracy_score(ctx: EvalContext) -> dict[str, float]:
+    """Classification accuracy score (Ravuri & Vinyals, 2019): the evaluator's architecture trained
+    with the `classifier:` params on the model's labelled samples (as many as the reference holds,
+    classes in turn, at the evaluation seed), then tested on the labelled reference. Only for
+    conditional models with the real labels; otherwise skipped."""
+    model = ctx.model
+    if model is None or not model.conditional or ctx.real_labels is None:
+        return {}
+    if ctx.classifier_config is None:
+        raise ValueError("the cas metric needs the `classifier:` params (EvalContext.classifier_config)")
+    from components.evaluation.grid import sample_uint8
+
+    n = ctx.real.shape[0]
+    labels = torch.arange(n) % model.num_classes  # the evaluation's own draw when num_classes divides its batch
+    fake_u8 = sample_uint8(model, n, ctx.seed, labels=labels)  # (n, C, size, size)
+    device = next(ctx.classifier.parameters()).device
+    # train_classifier seeds the global RNG; fork it so the metrics listed after this one (KID's
+    # subsets) draw what they would without it.
+    with torch.random.fork_rng(devices=[]):
+        judge = train_classifier(fake_u8, labels, model.num_classes, ctx.classifier_config, device, progress=False)
+    return {"cas": accuracy(judge, ctx.real, ctx.real_labels.to(torch.long).cpu())}

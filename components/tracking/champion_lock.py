@@ -2,15 +2,23 @@
 
 MLflow has no conditional alias update; its one atomic test-and-set is creating a registered model
 (a second create of a name fails with RESOURCE_ALREADY_EXISTS, in SQLite, PostgreSQL or through a
-server). The lock of NAME is therefore a series of registered models `NAME.lock.<epoch>`:
+server). The lock of NAME is therefore a series of registered models `NAME.lock.<epoch>`, tagged
+`genpipe.internal=true`:
   - the newest epoch is the lock; it is free when tagged `released`, or stale when its `heartbeat`
     tag has not changed for `stale_s` by the waiter's own clock (no clock of two machines compared);
   - taking it creates epoch n+1, so of two processes that found epoch n free only one gets it, and
     breaking a dead holder's lock is the same atomic create: no second holder can slip in;
   - epochs only grow (older ones are deleted, the newest never), so a process that stalled between
     reading n and creating n+1 finds a newer epoch when it checks, and backs off;
-  - the holder refreshes its heartbeat from a thread while it works (a re-score can take minutes),
-    and checks that no newer epoch exists right before each alias move (`LockLost` otherwise).
+  - the holder refreshes its heartbeat from a thread while it works (a re-score can take minutes).
+Requests are not instant (MLflow's client retries a failing server for minutes), so a holder
+  - before each write that must not race, `check()`s that no newer epoch exists and that a heartbeat
+    it sent less than half the stale window ago has landed (`LockLost` otherwise: nothing is written);
+  - right after the write, `confirm()`s that no newer epoch exists (`LockLost` otherwise: the write
+    may have raced, and the caller reports it rather than succeed).
+The guarantee: no two holders write at once as long as every request of a holder and of a waiter
+taking over lands within a third of the stale window of being sent (a write counted from the check
+before it); a request delayed longer can race, and then the holder's `confirm()` reports it.
 At rest one model `NAME.lock.<n>` tagged `released` stays: it carries the epoch forward.
 """
 from __future__ import annotations
@@ -24,9 +32,13 @@ import time
 import uuid
 from typing import Iterator
 
-LOCK_STALE_S = 60.0   # a holder silent this long (no heartbeat) is presumed dead; it beats every quarter of it
+# A holder silent this long (no heartbeat landed) is presumed dead; it beats every quarter of it. 5 min: longer
+# than MLflow's client retries an erroring server (7 retries, about 4 min), so a live holder's heartbeat
+# outlasts a short outage, and half of it (a holder's budget for one write) is far above a normal request.
+LOCK_STALE_S = 300.0
 LOCK_WAIT_S = 3600.0  # a registration waits this long for another one's judging (re-scores included)
 OWNER, HEARTBEAT, RELEASED = "genpipe.lock.owner", "genpipe.lock.heartbeat", "genpipe.lock.released"
+INTERNAL = "genpipe.internal"  # "true" on registered models that are genpipe's bookkeeping, not models
 
 
 class LockBusy(RuntimeError):
@@ -34,7 +46,7 @@ class LockBusy(RuntimeError):
 
 
 class LockLost(RuntimeError):
-    """A newer epoch exists: this holder was presumed dead and its lock broken; its writes must stop."""
+    """A newer epoch exists, or this holder's heartbeat stopped landing: it may be presumed dead; it stops writing."""
 
 
 def lock_prefix(name: str) -> str:
@@ -48,6 +60,10 @@ def is_lock_model(registered_name: str) -> bool:
 
 def _is(exc: Exception, code: str) -> bool:
     return getattr(exc, "error_code", None) == code
+
+
+def _newest(epochs: dict) -> int:
+    return max(epochs, default=0)  # 0: no lock model at all (never taken, or its epoch deleted under it)
 
 
 def _epochs(c, name: str) -> dict[int, dict[str, str]]:
@@ -66,12 +82,13 @@ def _epochs(c, name: str) -> dict[int, dict[str, str]]:
 
 
 class ChampionLock:
-    """Held by `champion_lock`; `check()` before each write that must not race."""
+    """Held by `champion_lock`; `check()` before and `confirm()` after each write that must not race."""
 
     def __init__(self, c, name: str, stale_s: float):
         self.c, self.name, self.stale_s = c, name, stale_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.epoch: int | None = None
+        self._beat_sent = 0.0  # monotonic time a request that landed (create, heartbeat) was sent
         self._stop = threading.Event()
         self._beats: threading.Thread | None = None
 
@@ -84,19 +101,24 @@ class ChampionLock:
         seen: tuple | None = None  # (epoch, heartbeat) of a held lock and when this process first saw it
         seen_at = 0.0
         while True:
+            read_at = time.monotonic()  # silence is measured up to when the read was sent, not answered
             epochs = _epochs(self.c, self.name)
-            newest = max(epochs, default=0)
+            newest = _newest(epochs)
             tags = epochs.get(newest, {})
             state = (newest, tags.get(HEARTBEAT))
             if state != seen:
                 seen, seen_at = state, time.monotonic()
-            free = newest == 0 or RELEASED in tags or time.monotonic() - seen_at >= self.stale_s
+            free = newest == 0 or RELEASED in tags or read_at - seen_at >= self.stale_s
             if free and self._create(newest + 1):
-                if max(_epochs(self.c, self.name)) == self.epoch:
-                    self._delete_older(epochs)
-                    self._start_heartbeat()
-                    return
-                self._delete_own()  # stalled between reading and creating: a newer holder exists
+                try:
+                    if _newest(_epochs(self.c, self.name)) == self.epoch:
+                        self._delete_older(epochs)
+                        self._start_heartbeat()
+                        return
+                except BaseException:
+                    self._give_up_own()  # created, then failed: leave no epoch that looks held by nobody
+                    raise
+                self._delete(self.model_name)  # stalled between reading and creating: a newer holder exists
             if time.monotonic() > deadline:
                 raise LockBusy(f"{self.name}: another registration or promotion holds the champion lock "
                                f"({lock_prefix(self.name)}{newest}, owner {tags.get(OWNER, '?')}) after waiting "
@@ -107,32 +129,47 @@ class ChampionLock:
         from mlflow.exceptions import MlflowException
 
         self.epoch = epoch
+        sent = time.monotonic()
         try:  # tags in the create call itself: no moment where the lock exists without its owner
             self.c.create_registered_model(
-                self.model_name, tags={OWNER: self.owner, HEARTBEAT: "0"},
-                description=f"genpipe's lock on moving {self.name}'s champion alias; it stays, tagged released, "
-                            f"between registrations")
-            return True
+                self.model_name, tags={OWNER: self.owner, HEARTBEAT: "0", INTERNAL: "true"},
+                description=f"genpipe's champion lock for {self.name}; not a model")
         except MlflowException as exc:
-            if _is(exc, "RESOURCE_ALREADY_EXISTS"):
+            if not _is(exc, "RESOURCE_ALREADY_EXISTS"):
+                raise
+            if not self._owned():  # or the client retried a create whose answer was lost: then it is ours
+                return False
+        self._beat_sent = sent
+        return True
+
+    def _owned(self) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.c.get_registered_model(self.model_name).tags.get(OWNER) == self.owner
+        except MlflowException as exc:
+            if _is(exc, "RESOURCE_DOES_NOT_EXIST"):  # deleted since by a newer holder
                 return False
             raise
+
+    def _give_up_own(self) -> None:
+        """Release the epoch just created; if even that fails, it goes stale after `stale_s`."""
+        with contextlib.suppress(Exception):  # the error that brought us here is the one to report
+            self.release()
 
     def _delete_older(self, epochs: dict) -> None:
         for epoch in epochs:
             if epoch < self.epoch:
                 self._delete(f"{lock_prefix(self.name)}{epoch}")
 
-    def _delete_own(self) -> None:
-        self._delete(self.model_name)
-
     def _delete(self, model_name: str) -> None:
+        """Tidy away an epoch that is not the newest; a left one is harmless: the newest epoch decides."""
         from mlflow.exceptions import MlflowException
 
         try:
             self.c.delete_registered_model(model_name)
-        except MlflowException as exc:
-            if not _is(exc, "RESOURCE_DOES_NOT_EXIST"):
+        except MlflowException as exc:  # PERMISSION_DENIED: another user's epoch under MLflow's basic auth
+            if not (_is(exc, "RESOURCE_DOES_NOT_EXIST") or _is(exc, "PERMISSION_DENIED")):
                 raise
 
     def _start_heartbeat(self) -> None:
@@ -144,18 +181,38 @@ class ChampionLock:
             count = 0
             while not self._stop.wait(self.stale_s / 4):
                 count += 1
-                with contextlib.suppress(Exception):  # a missed beat only risks a break, which check() sees
+                sent = time.monotonic()
+                with contextlib.suppress(Exception):  # a missed beat shortens the lease, which check() sees
                     beater.set_registered_model_tag(self.model_name, HEARTBEAT, str(count))
+                    self._beat_sent = sent
 
         self._beats = threading.Thread(target=beat, name=f"lock-heartbeat-{self.name}", daemon=True)
         self._beats.start()
 
     def check(self) -> None:
-        """Raise LockLost when another process broke this lock (this one was presumed dead)."""
-        newest = max(_epochs(self.c, self.name), default=0)
+        """Before a write: raise LockLost unless this lock is still held, and for long enough to write.
+
+        A waiter breaks the lock only after `stale_s` without a heartbeat landing: a write that lands
+        within `stale_s` of the last heartbeat sent (and landed) is safe; this leaves it half of that."""
+        beat_sent = self._beat_sent  # of a beat answered before the read below sees no newer epoch
+        self._raise_if_taken_over("this process held")
+        silent = time.monotonic() - beat_sent
+        if silent > self.stale_s / 2:
+            raise LockLost(f"{self.name}: no heartbeat of {self.model_name} has landed for {silent:.3g} s (the lock "
+                           f"is presumed dead after {self.stale_s:g} s): the tracking server is not answering in "
+                           f"time; nothing more is written; register again once it does")
+
+    def confirm(self) -> None:
+        """After a write: raise LockLost when another process took the lock before the write landed."""
+        self._raise_if_taken_over("this process wrote under")
+
+    def _raise_if_taken_over(self, doing: str) -> None:
+        newest = _newest(_epochs(self.c, self.name))
         if newest != self.epoch:
             raise LockLost(f"{self.name}: the champion lock was taken over ({lock_prefix(self.name)}{newest}) while "
-                           f"this process held {self.model_name}; nothing more is written; register again")
+                           f"{doing} {self.model_name} (its requests were delayed past the {self.stale_s:g} s stale "
+                           f"window); its last write may have raced another registration's: check "
+                           f"`genpipe history {self.name}` and register again")
 
     def release(self) -> None:
         self._stop.set()

@@ -137,7 +137,7 @@ def registered_already(name: str, model_md5: str) -> Registration | None:
 
 
 def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str, str], cfg: RegistryConfig,
-                   rescore: Callable[[str, dict], float]) -> Registration:
+                   rescore: Callable[[str, dict], float | dict]) -> Registration:
     """Log the model as a pyfunc in its training run, create its registry version, judge it against
     the champion under the same score protocol and move the aliases (see the module docstring).
 
@@ -177,7 +177,7 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
 
 
 def _judge(c, name: str, mv, value: float, value_ci: Interval | None, cfg: RegistryConfig, protocol: dict,
-           rescore: Callable[[str, dict], float]) -> dict:
+           rescore: Callable[[str, dict], float | dict]) -> dict:
     """Decide against today's champion and record the decision as pending on the version."""
     metric, margin = cfg.gating_metric, cfg.min_improvement[cfg.gating_metric]
     champion = _champion(c, name)
@@ -189,14 +189,13 @@ def _judge(c, name: str, mv, value: float, value_ci: Interval | None, cfg: Regis
         promote, reason = decide(metric, value, None, margin, new_ci=value_ci, champion_ci=None)
     else:
         try:
-            champion_value = _champion_score(c, name, champion, metric, protocol, rescore)
+            champion_value, champion_ci = _champion_score(c, name, champion, metric, protocol, rescore)
         except ChampionUnscorable as exc:  # no comparison possible: the challenger's own score decides
             ceiling, why = cfg.ceiling[metric], str(exc)[:300]
             promote = value <= ceiling
             reason = (f"champion v{champion.version} cannot be scored under today's protocol ({why}); {metric} "
                       f"{value:.4g} {'is within' if promote else 'exceeds'} registry.ceiling.{metric} {ceiling:g}")
         else:
-            champion_ci = _champion_interval(champion, metric, protocol)
             promote, reason = decide(metric, value, champion_value, margin, new_ci=value_ci, champion_ci=champion_ci)
             plan["champion_score"], plan["champion_ci"] = champion_value, champion_ci
     plan["rule"] = (f"{metric} lower by more than registry.min_improvement {margin:g}"
@@ -209,36 +208,37 @@ def _judge(c, name: str, mv, value: float, value_ci: Interval | None, cfg: Regis
     return plan
 
 
-def _champion_interval(champion, metric: str, protocol: dict) -> Interval | None:
-    """The champion's interval of `metric` when it was scored under `protocol` at registration (a
-    re-score is a point estimate: None)."""
-    if champion.tags.get("protocol_key") != protocol_key(protocol):
-        return None
-    return interval({k.removeprefix("metric."): v for k, v in champion.tags.items()}, metric)
-
-
 def _champion_score(c, name: str, champion, metric: str, protocol: dict,
-                    rescore: Callable[[str, dict], float]) -> float:
-    """The champion's `metric` under `protocol`: its registration score, a stored re-score, or a
-    new re-score, stored on the champion with its protocol so it is measured once."""
+                    rescore: Callable[[str, dict], float | dict]) -> tuple[float, Interval | None]:
+    """The champion's `metric` and its interval under `protocol`: from its registration scores, a
+    stored re-score, or a new re-score, stored on the champion with its protocol so it is measured
+    once. `rescore` returns the metric's value, or the scores with their interval (`<metric>_ci_low`,
+    `<metric>_ci_high`); a champion registered before intervals has none."""
     key = protocol_key(protocol)
     if champion.tags.get("protocol_key") == key and f"metric.{metric}" in champion.tags:
-        return float(champion.tags[f"metric.{metric}"])
-    stored = champion.tags.get(f"score.{key}.{metric}")
-    if stored is not None:
-        return float(stored)
-    if f"score.{key}.unscorable" in champion.tags:  # tried before: the champion's code cannot do it
-        raise ChampionUnscorable(champion.tags[f"score.{key}.unscorable"])
+        tags = {k.removeprefix("metric."): v for k, v in champion.tags.items() if k.startswith("metric.")}
+        return float(tags[metric]), interval(tags, metric)
+    stored = {k.removeprefix(f"score.{key}."): v for k, v in champion.tags.items() if k.startswith(f"score.{key}.")}
+    if metric in stored:
+        return float(stored[metric]), interval(stored, metric)
+    if "unscorable" in stored:  # tried before: the champion's code cannot do it
+        raise ChampionUnscorable(stored["unscorable"])
     try:
-        value = float(rescore(str(champion.version), protocol))
+        scores = rescore(str(champion.version), protocol)
+        scores = dict(scores) if isinstance(scores, dict) else {metric: scores}
+        value = float(scores[metric])
         if not math.isfinite(value):
             raise ChampionUnscorable(f"re-scored {metric} is {value}")
     except ChampionUnscorable as exc:
         c.set_model_version_tag(name, champion.version, f"score.{key}.unscorable", str(exc)[:500])
         raise
     c.set_model_version_tag(name, champion.version, f"score.{key}.protocol", json.dumps(protocol, sort_keys=True))
+    ci = interval(scores, metric)
+    if ci is not None:  # before the value: a stored value is what marks the re-score done
+        c.set_model_version_tag(name, champion.version, f"score.{key}.{metric}_ci_low", repr(ci[0]))
+        c.set_model_version_tag(name, champion.version, f"score.{key}.{metric}_ci_high", repr(ci[1]))
     c.set_model_version_tag(name, champion.version, f"score.{key}.{metric}", repr(value))
-    return value
+    return value, ci
 
 
 def _apply(c, name: str, version: str, plan: dict, lock: ChampionLock) -> None:
@@ -257,6 +257,7 @@ def _apply(c, name: str, version: str, plan: dict, lock: ChampionLock) -> None:
         c.set_registered_model_alias(name, CHAMPION, version)
     if "audit" in plan:  # after the move it records; the same key again when a rerun finishes the plan
         audit.write(c, name, *plan["audit"])
+    lock.confirm()  # the aliases moved while the lock was held, or LockLost reports the race (after the record)
     for key in EVIDENCE:
         if key in plan:  # plans left pending by a version before intervals have none
             value = plan[key]
@@ -328,6 +329,7 @@ def _move_champion(c, name: str, lock: ChampionLock, action: str, from_version: 
     lock.check()
     c.set_registered_model_alias(name, CHAMPION, to_version)
     audit.write(c, name, key, record)
+    lock.confirm()
     return record
 
 
