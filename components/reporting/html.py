@@ -68,7 +68,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], width: int = 480, h
     x0, x1 = min(x for x, _ in every), max(x for x, _ in every)
     y0, y1 = min(y for _, y in every), max(y for _, y in every)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    pad = 40
+    pad = 56  # room for the axis numbers
 
     def at(x: float, y: float) -> str:
         return f"{pad + (x - x0) / (x1 - x0) * (width - 2 * pad):.1f},{height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad):.1f}"

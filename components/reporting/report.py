@@ -86,7 +86,11 @@ def _load(version: Version, into: Path):
     family = json.loads(specs[0].read_text())["family"]
     if problem := FAMILIES.problem("family", family):
         raise ReportError(f"{version.name} v{version.version}: {problem}")
-    return load_trained_model(specs[0].parent), FAMILIES.get(family).kind
+    try:
+        return load_trained_model(specs[0].parent), FAMILIES.get(family).kind
+    except (ValueError, RuntimeError, KeyError) as exc:  # config or weights today's code cannot read
+        raise ReportError(f"{version.name} v{version.version}: today's code cannot load it "
+                          f"({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
 def _picture(caption: str, images_u8: torch.Tensor, nrow: int | None = None, scale: int = 2) -> Picture:
@@ -103,7 +107,9 @@ def _curves(run_id: str | None) -> list[tuple[str, dict[str, list[tuple[float, f
         return []
     c = client()
     try:
-        keys = sorted(k for k in c.get_run(run_id).data.metrics if not k.startswith("eval."))[:CURVES]
+        # Losses first: with many metrics logged, they are the curves people look for.
+        keys = sorted((k for k in c.get_run(run_id).data.metrics if not k.startswith("eval.")),
+                      key=lambda k: ("loss" not in k, k))[:CURVES]
         return [(key, {key: [(m.step, m.value) for m in c.get_metric_history(run_id, key)]}) for key in keys]
     except MlflowException:
         return []  # a training run of another store: the report says there are no curves
@@ -132,8 +138,10 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
     searched for near copies)."""
     from components.data.pack import DataError, load_split
     from components.evaluation.evaluate import GRIDS
-    from components.tracking.champion_samples import RegisteredModelUnloadable, registered_images
+    from components.tracking.champion_samples import registered_images
 
+    if count < 1:
+        raise ReportError(f"-n {count}: draw at least one image")
     version = resolve(spec)
     try:
         reference, _ = load_split(data_dir, "test")
@@ -146,7 +154,7 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
         images = evaluation_images(model, kind, reference, seed)
         shown, nrow = GRIDS[kind](images, reference, count, model.image_size)
         sections = [_summary(version, kind)]
-        pictures = [_picture(f"v{version.version} at seed {seed}", shown, nrow)]
+        pictures = [_picture(f"v{version.version} at seed {seed} (drawn with today's code)", shown, nrow)]
         other = _other(version)
         if other is not None:
             alias, other_version = other
@@ -155,10 +163,11 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
                 theirs_shown, _ = GRIDS[kind](torch.from_numpy(theirs), reference, count, model.image_size)
                 pictures.append(_picture(f"{alias} v{other_version} at seed {seed} (its own registered code)",
                                          theirs_shown, nrow))
-            except RegisteredModelUnloadable as exc:
+            except RuntimeError as exc:  # RegisteredModelUnloadable, or another failure of its child process
                 pictures.append(Picture(f"{alias} v{other_version} could not be drawn: {exc}"[:300],
                                         png_bytes(torch.zeros(1, 1, 8, 8, dtype=torch.uint8)), 16))
-        sections.append(Section("Images at the same seed", "Same seed, same requests: differences are the models'.",
+        sections.append(Section("Images at the same seed", "The same requests at the same seed; each version is "
+                                "drawn as noted, so a difference is the models' unless their code differs.",
                                 pictures=pictures))
         strip = interpolation_strip(model, kind, reference, seed=seed)
         sections.append(Section("Interpolation", "Each row walks between two latent points "
@@ -178,11 +187,19 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
 def _summary(version: Version, kind: str) -> Section:
     tags = version.tags
     rows = [("aliases", ", ".join(version.aliases) or "none"), ("task kind", kind)]
-    rows += [(k.removeprefix("metric."), v) for k, v in sorted(tags.items()) if k.startswith("metric.")]
+    rows += [(k.removeprefix("metric."), _number(v)) for k, v in sorted(tags.items()) if k.startswith("metric.")]
     rows += [(k, v) for k, v in sorted(tags.items()) if k.startswith("promotion.")]
     rows += [(k, tags[k]) for k in ("dataset_version", "model_md5", "evaluator_md5", "params_hash", "git_commit",
                                     "training_run_id", "protocol_key") if k in tags]
     return Section("Scores, decision and lineage", table=rows)
+
+
+def _number(text: str) -> str:
+    """A stored metric as people read it: 4 significant digits."""
+    try:
+        return f"{float(text):.4g}"
+    except ValueError:
+        return text
 
 
 def _neighbours(samples: torch.Tensor, real_test: torch.Tensor, train: torch.Tensor) -> Section:
