@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -92,11 +92,10 @@ def register(model: str, params: Params) -> Registration:
 
     result = register_model(name, model_dir, eval_dir, lineage, params.registry, rescore)
     get_run_logger().info("%s v%s: %s (%s)", result.name, result.version, result.decision, result.reason)
-    _log_report(result, data_dir)
-    return result
+    return replace(result, report=_log_report(result, data_dir))
 
 
-def _log_report(registration: Registration, data_dir: Path) -> None:
+def _log_report(registration: Registration, data_dir: Path) -> str | None:
     """The new version's HTML report, logged with its run. The registration has been made: a
     report that cannot be drawn is a warning, never a failed registration."""
     from components.reporting.report import log_report
@@ -107,8 +106,9 @@ def _log_report(registration: Registration, data_dir: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - any failure of the pictures leaves the registry as it is
         logger.warning("%s v%s: no report (%s: %s)", registration.name, registration.version,
                        type(exc).__name__, exc)
-    else:
-        logger.info("%s v%s: report at %s", registration.name, registration.version, uri)
+        return None
+    logger.info("%s v%s: report at %s", registration.name, registration.version, uri)
+    return uri
 
 
 @flow(name="retrain", log_prints=True)
@@ -223,11 +223,11 @@ def publish_summary(result: RetrainResult) -> None:
     else:
         line = f"stages run: {', '.join(result.stages_run) or 'none'}"
     logger.info(line)
-    rows = [f"| {r.name} | {r.version} | {r.decision} | {r.reason} |" for r in result.registrations]
-    rows += [f"| {where} | | failed | {error} |" for where, error in result.failures.items()]
+    rows = [f"| {r.name} | {r.version} | {r.decision} | {r.reason} | {r.report or ''} |" for r in result.registrations]
+    rows += [f"| {where} | | failed | {error} | |" for where, error in result.failures.items()]
     create_markdown_artifact(key="retrain-summary", description="what this retrain run did",
-                             markdown="\n".join([f"**{line}**", "", "| model | version | decision | reason |",
-                                                 "|---|---|---|---|", *rows]))
+                             markdown="\n".join([f"**{line}**", "", "| model | version | decision | reason | report |",
+                                                 "|---|---|---|---|---|", *rows]))
 
 def _sweep_leftovers(repo) -> None:
     """Temp files and folders of killed runs: beside every stage output (and beside the folder a file

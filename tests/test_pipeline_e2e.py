@@ -103,6 +103,7 @@ def test_first_run_trains_evaluates_registers_and_pushes(workspace, client):
         assert client.get_metric_history(run.info.run_id, "images_per_sec"), "no live training metrics"
         assert any(a.path == "eval" for a in client.list_artifacts(run.info.run_id))
         report = client.download_artifacts(champion.run_id, "report/report.html")  # each new version's report
+        assert by_name(result)[name].report == f"runs:/{champion.run_id}/report/report.html"  # in the summary
         assert f"<title>{name} v1</title>" in Path(report).read_text()
 
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], capture_output=True, text=True, check=True)

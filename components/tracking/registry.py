@@ -59,6 +59,7 @@ class Registration:
     version: str
     decision: str  # "unchanged", "champion", "promoted" or "kept"
     reason: str
+    report: str | None = None  # where the new version's HTML report was logged (flows/retrain.py)
 
 
 def _is_not_found(exc: Exception) -> bool:
