@@ -32,6 +32,8 @@ import time
 import uuid
 from typing import Iterator
 
+from components.tracking.runs import has_error_code
+
 # A holder silent this long (no heartbeat landed) is presumed dead; it beats every quarter of it. 5 min: longer
 # than MLflow's client retries an erroring server (7 retries, about 4 min), so a live holder's heartbeat
 # outlasts a short outage, and half of it (a holder's budget for one write) is far above a normal request.
@@ -56,10 +58,6 @@ def lock_prefix(name: str) -> str:
 def is_lock_model(registered_name: str) -> bool:
     head, sep, epoch = registered_name.rpartition(".lock.")
     return bool(sep and head and epoch.isdigit())
-
-
-def _is(exc: Exception, code: str) -> bool:
-    return getattr(exc, "error_code", None) == code
 
 
 def _newest(epochs: dict) -> int:
@@ -135,7 +133,7 @@ class ChampionLock:
                 self.model_name, tags={OWNER: self.owner, HEARTBEAT: "0", INTERNAL: "true"},
                 description=f"genpipe's champion lock for {self.name}; not a model")
         except MlflowException as exc:
-            if not _is(exc, "RESOURCE_ALREADY_EXISTS"):
+            if not has_error_code(exc, "RESOURCE_ALREADY_EXISTS"):
                 raise
             if not self._owned():  # or the client retried a create whose answer was lost: then it is ours
                 return False
@@ -148,7 +146,7 @@ class ChampionLock:
         try:
             return self.c.get_registered_model(self.model_name).tags.get(OWNER) == self.owner
         except MlflowException as exc:
-            if _is(exc, "RESOURCE_DOES_NOT_EXIST"):  # deleted since by a newer holder
+            if has_error_code(exc, "RESOURCE_DOES_NOT_EXIST"):  # deleted since by a newer holder
                 return False
             raise
 
@@ -169,7 +167,7 @@ class ChampionLock:
         try:
             self.c.delete_registered_model(model_name)
         except MlflowException as exc:  # PERMISSION_DENIED: another user's epoch under MLflow's basic auth
-            if not (_is(exc, "RESOURCE_DOES_NOT_EXIST") or _is(exc, "PERMISSION_DENIED")):
+            if not has_error_code(exc, "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED"):
                 raise
 
     def _start_heartbeat(self) -> None:
@@ -223,7 +221,7 @@ class ChampionLock:
         try:
             self.c.set_registered_model_tag(self.model_name, RELEASED, "1")
         except MlflowException as exc:
-            if not _is(exc, "RESOURCE_DOES_NOT_EXIST"):  # deleted by a newer holder: nothing to release
+            if not has_error_code(exc, "RESOURCE_DOES_NOT_EXIST"):  # deleted by a newer holder: nothing to release
                 raise
 
 

@@ -32,7 +32,7 @@ from components.config import RegistryConfig
 from components.evaluation.protocol import PROTOCOL_FILE, protocol_key
 from components.tracking import audit
 from components.tracking.champion_lock import ChampionLock, champion_lock, is_lock_model
-from components.tracking.runs import client, ensure_experiment
+from components.tracking.runs import client, ensure_experiment, has_error_code
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_TAG = "model_md5"  # lineage tag, DVC hash of the model folder: one registered version per artefact
@@ -63,7 +63,7 @@ class Registration:
 
 
 def _is_not_found(exc: Exception) -> bool:
-    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+    return has_error_code(exc, "RESOURCE_DOES_NOT_EXIST")
 
 
 def _find_version(c, name: str, model_md5: str):
@@ -279,7 +279,7 @@ def promote(name: str, version: str, reason: str) -> dict:
         try:
             c.get_model_version(name, version)
         except Exception as exc:
-            if not _is_not_found(exc) and getattr(exc, "error_code", None) != "INVALID_PARAMETER_VALUE":
+            if not has_error_code(exc, "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise
             raise RegistryRequestError(f"VERSION {version}: {name} has no version {version} "
                                        f"(versions: {_versions(c, name)})") from None

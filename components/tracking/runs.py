@@ -36,6 +36,11 @@ def ensure_experiment(name: str) -> str:
     return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
 
 
+def has_error_code(exc: BaseException, *codes: str) -> bool:
+    """Whether an MLflow error carries one of these error codes (RESOURCE_DOES_NOT_EXIST, …)."""
+    return getattr(exc, "error_code", None) in codes
+
+
 def is_transient(exc: BaseException) -> bool:
     """An error that retrying later may cure: no connection, a timeout, 5xx, 429."""
     from mlflow.exceptions import MlflowException
