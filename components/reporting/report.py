@@ -30,9 +30,14 @@ class ReportError(ValueError):
 class Version:
     name: str
     version: str
-    aliases: tuple[str, ...]
+    model_aliases: dict[str, str]  # every alias of the registered model → the version it names
     tags: dict[str, str]
     run_id: str | None
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """The aliases naming this version."""
+        return tuple(sorted(a for a, v in self.model_aliases.items() if v == self.version))
 
 
 def resolve(spec: str) -> Version:
@@ -51,7 +56,7 @@ def resolve(spec: str) -> Version:
                           f"e.g. fashion-mnist-dcgan@champion")
     try:
         mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
-        aliases = tuple(sorted(a for a, v in c.get_registered_model(name).aliases.items() if str(v) == str(mv.version)))
+        aliases = {a: str(v) for a, v in c.get_registered_model(name).aliases.items()}
     except MlflowException as exc:
         raise ReportError(f"{spec}: {exc.message}") from None
     return Version(name, str(mv.version), aliases, dict(mv.tags), mv.tags.get("training_run_id") or mv.run_id)
@@ -59,13 +64,10 @@ def resolve(spec: str) -> Version:
 
 def _other(version: Version) -> tuple[str, str] | None:
     """(alias, version) to compare with: the champion, or for the champion itself its challenger."""
-    from components.tracking.runs import client
-
-    aliases = client().get_registered_model(version.name).aliases
     for alias in ("champion", "challenger"):
-        other = aliases.get(alias)
-        if other is not None and str(other) != version.version:
-            return alias, str(other)
+        other = version.model_aliases.get(alias)
+        if other is not None and other != version.version:
+            return alias, other
     return None
 
 
