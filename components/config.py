@@ -87,6 +87,29 @@ class BootstrapConfig(Frozen):
     alpha: float = Field(gt=0, lt=1)
 
 
+class InceptionConfig(Frozen):
+    """The standard FID/KID on the Inception-v3 of the published tables (the `inception` metric)."""
+
+    mode: Literal["auto", "always", "never"]  # auto: `samples` where CUDA is present, else `cpu_samples`
+    samples: int = Field(ge=2)  # test images, and as many samples; the published protocol is 10,000
+    cpu_samples: int = Field(ge=0)  # under auto without a GPU; 0 skips the metric (and says so)
+
+    @field_validator("cpu_samples")
+    @classmethod
+    def _zero_or_two(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("FID needs at least 2 images: use 0 (skip on a CPU) or 2 and more")
+        return value
+
+
+class AugmentConfig(Frozen):
+    """The `augment` metric: a classifier trained on a few real images per class, with and without a
+    conditional model's samples, both tested on the held-out reference."""
+
+    real_per_class: int = Field(gt=0)
+    generated_per_class: int = Field(gt=0)
+
+
 class EvaluateConfig(Frozen):
     metrics: list[str] = Field(min_length=1)
     num_samples: int = Field(gt=1)
@@ -95,6 +118,8 @@ class EvaluateConfig(Frozen):
     bootstrap: BootstrapConfig
     grid_size: int = Field(gt=0, le=256)
     seed: int = Field(ge=0)
+    inception: InceptionConfig
+    augment: AugmentConfig
 
 
 class RegistryConfig(Frozen):

@@ -39,3 +39,7 @@ def shrink_every_model(params_file, batch_size: int, width: int) -> list[str]:
         overrides += [f"train.{name}.epochs=1", f"train.{name}.batch_size={batch_size}"]
         overrides += [f"train.{name}.{field}={width}" for field in WIDTH_FIELDS if field in section]
     return overrides
+
+# The evaluate settings that tests constructing an EvaluateConfig by hand do not exercise.
+EVALUATE_EXTRAS = {"inception": {"mode": "never", "samples": 10000, "cpu_samples": 0},
+                   "augment": {"real_per_class": 5, "generated_per_class": 10}}

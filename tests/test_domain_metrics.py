@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_configs import model_config
+from model_configs import EVALUATE_EXTRAS, model_config
 from components.config import EvaluateConfig
 from components.evaluation import features as F
 from components.evaluation import intervals, manifold
@@ -80,7 +80,7 @@ def test_an_evaluation_extracts_each_sets_features_once(classifier):
     try:
         cfg = EvaluateConfig(metrics=["fid", "kid", "class_coverage", "inception_score", "precision_recall",
                                       "density_coverage"], num_samples=120, kid_subset_size=50, nearest_k=3,
-                             bootstrap={"samples": 10, "alpha": 0.1}, grid_size=4, seed=0)
+                             bootstrap={"samples": 10, "alpha": 0.1}, grid_size=4, seed=0, **EVALUATE_EXTRAS)
         out = score_samples(to_uint8(images(120, 1)), to_uint8(images(150, 0)), classifier, cfg, 28)
     finally:
         hook.remove()
@@ -262,7 +262,7 @@ def test_the_fid_interval_holds_the_estimate_of_two_samples_of_one_distribution(
 
 def test_score_samples_reports_the_intervals_seeded(classifier):
     cfg = EvaluateConfig(metrics=["fid", "kid"], num_samples=100, kid_subset_size=50, nearest_k=3,
-                         bootstrap={"samples": 20, "alpha": 0.1}, grid_size=4, seed=5)
+                         bootstrap={"samples": 20, "alpha": 0.1}, grid_size=4, seed=5, **EVALUATE_EXTRAS)
     real, fake = to_uint8(images(100, 0)), to_uint8(images(100, 1, shift=0.6))
     out = score_samples(fake, real, classifier, cfg, 28)
     # Far apart sets: FID well above its small-sample bias, which resampling inflates (see intervals.py).
@@ -276,7 +276,8 @@ def test_bootstrap_settings_are_validated_and_in_the_protocol():
 
     from components.evaluation.protocol import evaluate_config, score_protocol
 
-    settings = dict(metrics=["fid"], num_samples=10, kid_subset_size=5, nearest_k=3, grid_size=4, seed=0)
+    settings = dict(metrics=["fid"], num_samples=10, kid_subset_size=5, nearest_k=3, grid_size=4, seed=0,
+                    **EVALUATE_EXTRAS)
     with pytest.raises(ValidationError, match="bootstrap.alpha"):
         EvaluateConfig(**settings, bootstrap={"samples": 100, "alpha": 1.5})
     cfg = EvaluateConfig(**settings, bootstrap={"samples": 100, "alpha": 0.05})

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fashion import CLASSES, evaluator, fashion_subset
-from model_configs import shrink_every_model
+from model_configs import EVALUATE_EXTRAS, shrink_every_model
 from components.config import ClassifierConfig, EvaluateConfig, apply_overrides, read_params_raw
 from components.data.pack import pack_dataset
 from components.data.sources import RawDataset, Split
@@ -97,7 +97,7 @@ def test_the_train_floor_is_above_zero_and_below_faint_noise(judge, reference):
 
 def cfg(metrics: list[str], num_samples: int) -> EvaluateConfig:
     return EvaluateConfig(metrics=metrics, num_samples=num_samples, kid_subset_size=100, nearest_k=3,
-                          bootstrap={"samples": 10, "alpha": 0.1}, grid_size=4, seed=3)
+                          bootstrap={"samples": 10, "alpha": 0.1}, grid_size=4, seed=3, **EVALUATE_EXTRAS)
 
 
 def test_fid_floor_is_the_fid_of_a_train_subset_and_leaves_fid_alone(judge):

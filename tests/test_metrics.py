@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model_configs import model_config
+from model_configs import EVALUATE_EXTRAS, model_config
 from components.config import EvaluateConfig
 from components.evaluation.classifier import FEATURES, Classifier, FeatureExtractor
 from components.evaluation.evaluate import evaluate_model
@@ -18,7 +18,7 @@ from components.evaluation.metrics import METRICS, EvalContext, frechet_distance
 from components.models import FAMILIES, build_model
 
 NOISE_LEVELS = (0.1, 0.3, 0.6)
-SETTINGS = {"nearest_k": 3, "bootstrap": {"samples": 20, "alpha": 0.1}}  # small B: tests stay fast
+SETTINGS = {"nearest_k": 3, "bootstrap": {"samples": 20, "alpha": 0.1}, **EVALUATE_EXTRAS}  # small B: tests stay fast
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save:UserWarning"),
@@ -139,8 +139,8 @@ def test_recon_mse_only_for_models_that_reconstruct(classifier, real):
 
 
 def test_unknown_metric_lists_valid():
-    with pytest.raises(ValueError, match=r"unknown metric 'is'; valid: cas, class_coverage, density_coverage, elbo, fid, fid_floor, "
-                                         r"inception_score, kid, "
+    with pytest.raises(ValueError, match=r"unknown metric 'is'; valid: augment, cas, class_coverage, density_coverage, elbo, fid, "
+                                         r"fid_floor, inception, inception_score, kid, "
                                          r"precision_recall, psnr, recon_mse, ssim"):
         METRICS.get("is")
 

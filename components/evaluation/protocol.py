@@ -15,6 +15,7 @@ from components.config import EvaluateConfig
 from components.evaluation.classifier import INPUT_SIZE
 
 PROTOCOL_FILE = "protocol.json"  # beside an evaluation's metrics.json
+INCEPTION_PROTOCOL_FILE = "inception.json"  # the Inception scores' own protocol: not part of the gate's
 
 
 def score_protocol(cfg: EvaluateConfig, *, evaluator: str, dataset_version: str, image_size: int) -> dict:
@@ -39,10 +40,13 @@ def protocol_key(protocol: dict) -> str:
 
 
 def evaluate_config(protocol: dict, metrics: list[str]) -> EvaluateConfig:
-    """The evaluation settings that measure `metrics` under `protocol` (to score another model)."""
+    """The evaluation settings that measure `metrics` under `protocol` (to score another model): the
+    domain metrics the gate can use. The Inception and augment metrics are off."""
     return EvaluateConfig(metrics=metrics, num_samples=protocol["num_samples"], seed=protocol["seed"],
                           kid_subset_size=protocol["kid_subset_size"], nearest_k=protocol["nearest_k"],
-                          bootstrap=protocol["bootstrap"], grid_size=1)
+                          bootstrap=protocol["bootstrap"], grid_size=1,
+                          inception={"mode": "never", "samples": 2, "cpu_samples": 0},
+                          augment={"real_per_class": 1, "generated_per_class": 1})
 
 
 def folder_hash(folder: Path) -> str:

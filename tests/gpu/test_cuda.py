@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_configs import model_config
+from model_configs import EVALUATE_EXTRAS, model_config
 from components.config import EvaluateConfig
 from components.evaluation.classifier import Classifier
 from components.evaluation.evaluate import evaluate_model, score_samples
@@ -25,7 +25,7 @@ def test_evaluation_on_cuda_matches_the_cpu(family):
     torch.manual_seed(0)
     model, classifier = tiny(family).eval(), Classifier(1, 10, 8).eval()
     real = to_uint8(torch.rand(64, 1, 28, 28) * 2 - 1)
-    cfg = EvaluateConfig(nearest_k=3, bootstrap={"samples": 20, "alpha": 0.1}, metrics=["fid", "kid", "class_coverage", "recon_mse"], num_samples=60,
+    cfg = EvaluateConfig(nearest_k=3, bootstrap={"samples": 20, "alpha": 0.1}, **EVALUATE_EXTRAS, metrics=["fid", "kid", "class_coverage", "recon_mse"], num_samples=60,
                          kid_subset_size=20, grid_size=4, seed=0)
     on_cpu = evaluate_model(model, classifier, real, cfg)
     on_gpu = evaluate_model(model.cuda(), classifier.cuda(), real, cfg)
@@ -39,7 +39,7 @@ def test_cpu_samples_scored_by_a_gpu_classifier():
     torch.manual_seed(0)
     model, classifier = tiny("dcgan").eval(), Classifier(1, 10, 8).eval().cuda()
     real = to_uint8(torch.rand(64, 1, 28, 28) * 2 - 1)
-    cfg = EvaluateConfig(nearest_k=3, bootstrap={"samples": 20, "alpha": 0.1}, metrics=["fid", "kid"], num_samples=60, kid_subset_size=20, grid_size=4, seed=0)
+    cfg = EvaluateConfig(nearest_k=3, bootstrap={"samples": 20, "alpha": 0.1}, **EVALUATE_EXTRAS, metrics=["fid", "kid"], num_samples=60, kid_subset_size=20, grid_size=4, seed=0)
     out = score_samples(sample_uint8(model, 60, seed=0), real, classifier, cfg, 28)
     assert out["fid"] >= 0 and out["kid"] == out["kid"]
 
@@ -54,7 +54,7 @@ def train_and_evaluate(family: str, device: str) -> dict[str, float]:
     images = torch.randint(0, 256, (64, 1, 28, 28), generator=data, dtype=torch.uint8)
     last = Trainer(model, cfg, device=device, log_every=1, progress=False).fit(images, torch.arange(64) % 10)
     assert last and all(torch.isfinite(torch.tensor(v)) for v in last.values()), last
-    cfg_eval = EvaluateConfig(nearest_k=3, bootstrap={"samples": 20, "alpha": 0.1}, metrics=["fid", "class_coverage"], num_samples=60, kid_subset_size=20, grid_size=4,
+    cfg_eval = EvaluateConfig(nearest_k=3, bootstrap={"samples": 20, "alpha": 0.1}, **EVALUATE_EXTRAS, metrics=["fid", "class_coverage"], num_samples=60, kid_subset_size=20, grid_size=4,
                               seed=0)
     return evaluate_model(model, Classifier(1, 10, 8).to(device).eval(), images, cfg_eval,
                           kind=FAMILIES.get(family).kind)
