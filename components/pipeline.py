@@ -145,30 +145,64 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
 
 
 def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Path, model_dir: Path,
-                   out_dir: Path) -> dict:
+                   out_dir: Path, inception_dir: Path | None = None) -> dict:
     from components.evaluation.evaluate import evaluate_model
     from components.models import FAMILIES
     from components.evaluation.pictures import write_pictures
-    from components.evaluation.protocol import PROTOCOL_FILE, folder_hash, score_protocol
+    from components.evaluation.protocol import INCEPTION_PROTOCOL_FILE, PROTOCOL_FILE, folder_hash, score_protocol
     from components.tracking.model_files import load_trained_model
 
     model = load_trained_model(Path(model_dir), device=str(device()))
     classifier = load_classifier(classifier_dir)
     real, real_labels = load_split(data_dir, "test")
-    train, _ = load_split(data_dir, "train")  # fid_floor's real side: FID(train subset, reference)
+    train, train_labels = load_split(data_dir, "train")  # fid_floor's real side, augment's scarce data
     protocol = score_protocol(params.evaluate, evaluator=folder_hash(classifier_dir),
                               dataset_version=dataset_version(data_dir), image_size=model.image_size)
     kind = FAMILIES.get(params.model(name).family).kind
+    inception, inception_info = inception_reference(params, inception_dir, real, dataset_version(data_dir))
     with staged_dir(out_dir) as tmp:
         metrics = evaluate_model(model, classifier, real, params.evaluate, grid_path=tmp / "grid.png", kind=kind,
-                                 real_labels=real_labels, train_u8=train, classifier_config=params.classifier)
+                                 real_labels=real_labels, train_u8=train, train_labels=train_labels,
+                                 classifier_config=params.classifier, inception=inception)
         metrics.update(live_weight_scores(model, Path(model_dir), classifier, real, params, kind))
         write_json(metrics, tmp / "metrics.json")
         write_pictures(model, real, real_labels, read_manifest(data_dir)["classes"], tmp / "pictures",
                        seed=params.evaluate.seed)
         write_json(protocol, tmp / PROTOCOL_FILE)  # what these scores can be compared with
+        write_json(inception_info, tmp / INCEPTION_PROTOCOL_FILE)  # the Inception scores' protocol, or why none
     print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
+
+
+def inception_stage(params: Params, data_dir: Path, out_dir: Path) -> dict:
+    """The Inception features of the held-out reference, once per dataset version (the `inception` stage)."""
+    from components.evaluation.inception import write_reference
+
+    test, _ = load_split(data_dir, "test")
+    train, _ = load_split(data_dir, "train")
+    with staged_dir(out_dir) as tmp:
+        info = write_reference(test, train, params.evaluate.inception, params.evaluate.seed,
+                               dataset_version(data_dir), str(device()), tmp)
+    print(f"inception reference: {info['why']}" + (f", {info['seconds']} s" if info["num_samples"] else ""))
+    return info
+
+
+def inception_reference(params: Params, inception_dir: Path | None, real, version: str):
+    """(the inception stage's reference or None, what the Inception scores are measured under or why
+    there are none), for the evaluation's inception.json."""
+    why = None
+    if "inception" not in params.evaluate.metrics:
+        why = "off (inception is not in evaluate.metrics)"
+    elif inception_dir is None:
+        why = "skipped: no reference given (genpipe evaluate --inception artifacts/inception)"
+    if why is not None:
+        return None, {"num_samples": 0, "why": why}
+    from components.evaluation.inception import read_reference
+
+    reference = read_reference(inception_dir, real, version)
+    if len(reference) < 2:
+        print(f"inception: {reference.info['why']}")
+    return reference, reference.info
 
 
 def live_weight_scores(model, model_dir: Path, classifier, real, params: Params, kind: str) -> dict:

@@ -86,7 +86,14 @@ def cmd_evaluate(args) -> None:
     from components.pipeline import evaluate_stage
 
     _sweep(args.out)
-    evaluate_stage(_params(), args.model, args.data, args.classifier, args.model_dir, args.out)
+    evaluate_stage(_params(), args.model, args.data, args.classifier, args.model_dir, args.out, args.inception)
+
+
+def cmd_inception(args) -> None:
+    from components.pipeline import inception_stage
+
+    _sweep(args.out)
+    inception_stage(_params(), args.data, args.out)
 
 
 def cmd_retrain(args) -> int:
@@ -351,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--classifier", type=Path, required=True)
     p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--inception", type=Path, metavar="DIR",
+                   help="the inception stage's reference (artifacts/inception), for the inception metric")
+    p = add("inception", cmd_inception, "Inception features of the held-out reference, for the standard FID/KID "
+                                        "(stage 'inception')")
+    p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     for name, func, text in [("retrain", cmd_retrain, "run the whole pipeline as a Prefect flow, then register"),
                              ("params", cmd_params, "validate params.yaml (with overrides) and print it resolved")]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from components.evaluation.grid import evaluation_images, save_grid
 from components.evaluation.metrics import METRICS, EvalContext
 from components.images import resize, to_model_input
 from components.models.base import GenerativeModel, TaskKind
+
+if TYPE_CHECKING:
+    from components.evaluation.inception import InceptionReference
 
 
 class NonFiniteMetric(ValueError):
@@ -34,14 +38,17 @@ def reference_subset(real_u8: torch.Tensor, cfg: EvaluateConfig) -> torch.Tensor
 def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Classifier, cfg: EvaluateConfig,
                   image_size: int, model: GenerativeModel | None = None,
                   real_labels: torch.Tensor | None = None, train_u8: torch.Tensor | None = None,
-                  classifier_config: ClassifierConfig | None = None) -> dict[str, float]:
+                  train_labels: torch.Tensor | None = None, classifier_config: ClassifierConfig | None = None,
+                  inception: InceptionReference | None = None, kind: TaskKind = "generate") -> dict[str, float]:
     """Metrics in cfg.metrics of uint8 samples against the reference subset of real_u8, both
     compared at `image_size` (the protocol's, whatever size the samples come in).
 
     Everything is computed on the classifier's device. `model` is needed only by metrics that use
     the model itself (recon_mse, psnr, ssim, elbo); without it they are skipped. `real_labels`
     (class ids of real_u8) let a conditional model's ELBO and CAS be measured; `train_u8` (real
-    training images) the dataset's fid_floor; `classifier_config` (the `classifier:` params) CAS.
+    training images) the dataset's fid_floor, with `train_labels` augment; `classifier_config` (the
+    `classifier:` params) CAS and augment; `inception` (the inception stage's reference) and the
+    model's task `kind` the inception metric.
     """
     pick = reference_indices(real_u8.shape[0], cfg)
     real_u8 = real_u8[pick]
@@ -58,6 +65,10 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
         real_labels=None if real_labels is None else torch.as_tensor(real_labels)[pick],
         train_u8=train_u8,
         classifier_config=classifier_config,
+        train_labels=train_labels,
+        augment=cfg.augment,
+        inception=inception,
+        kind=kind,
     )
     results: dict[str, float] = {"num_samples": real_u8.shape[0]}
     with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global RNG: same model, same score
@@ -73,14 +84,16 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
 def evaluate_model(model: GenerativeModel, classifier: Classifier, real_u8: torch.Tensor, cfg: EvaluateConfig,
                    grid_path: Path | None = None, kind: TaskKind = "generate",
                    real_labels: torch.Tensor | None = None, train_u8: torch.Tensor | None = None,
-                   classifier_config: ClassifierConfig | None = None) -> dict[str, float]:
+                   train_labels: torch.Tensor | None = None, classifier_config: ClassifierConfig | None = None,
+                   inception: InceptionReference | None = None) -> dict[str, float]:
     """Metrics in cfg.metrics of the model's images against the reference subset of held-out real
     images, by its family's task `kind`: a sampler's samples (fixed seed), as many as the reference
     holds; a reconstructor's reconstructions of the reference images themselves."""
     reference = reference_subset(real_u8, cfg)
     fake = evaluation_images(model, kind, reference, cfg.seed)
     results = score_samples(fake, real_u8, classifier, cfg, model.image_size, model=model, real_labels=real_labels,
-                            train_u8=train_u8, classifier_config=classifier_config)
+                            train_u8=train_u8, train_labels=train_labels, classifier_config=classifier_config,
+                            inception=inception, kind=kind)
     if grid_path is not None:
         images, nrow = GRIDS[kind](fake, reference, cfg.grid_size, model.image_size)
         save_grid(images, grid_path, nrow=nrow)

@@ -14,15 +14,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from components.config import BootstrapConfig, ClassifierConfig
+from components.config import AugmentConfig, BootstrapConfig, ClassifierConfig
 from components.evaluation.classifier import Classifier, accuracy, train_classifier
 from components.images import to_model_input
 from components.models.base import GenerativeModel
 from components.registry import Registry
+
+if TYPE_CHECKING:
+    from components.evaluation.inception import InceptionReference
 
 # A perfect reconstruction has PSNR +inf, and a non-finite metric fails the evaluation: each image's
 # PSNR is capped here (an error below 1e-10 of the range, far under one 8-bit grey level's 1.5e-5).
@@ -42,7 +45,11 @@ class EvalContext:
     seed: int = 0  # of the bootstrap resamples and the ELBO's latent draws
     real_labels: torch.Tensor | None = None  # class ids of `real`; conditional models' ELBO and CAS need them
     train_u8: torch.Tensor | None = None  # the real training images (uint8); fid_floor needs them
-    classifier_config: ClassifierConfig | None = None  # the `classifier:` params; CAS trains with them
+    classifier_config: ClassifierConfig | None = None  # the `classifier:` params; CAS and augment train with them
+    train_labels: torch.Tensor | None = None  # class ids of train_u8; augment needs them
+    augment: AugmentConfig | None = None  # the `evaluate.augment` params
+    inception: InceptionReference | None = None  # the `inception` stage's real side; the inception metric needs it
+    kind: str = "generate"  # the model's task kind: what its images to score are (grid.EVALUATION_IMAGES)
 
     @cached_property
     def real_features(self) -> F.FeatureSet:
@@ -143,6 +150,28 @@ def fid_floor(ctx: EvalContext) -> dict[str, float]:
     device = next(ctx.classifier.parameters()).device
     train = to_model_input(floor_subset(ctx.train_u8, ctx.real.shape[0], ctx.seed), ctx.real.shape[-1], device)
     return {"fid_floor": F.fid(F.extract(ctx.classifier, train, ctx.batch_size).features, ctx.real_features.features)}
+
+
+@METRICS.register("inception")
+def inception(ctx: EvalContext) -> dict[str, float]:
+    """Standard FID and KID: Inception-v3 features under the published protocol (inception.py) of the
+    model's images against the `inception` stage's reference, as many as it holds, at the evaluation
+    seed; with the dataset's Inception FID floor. Skipped without the model or a reference, or with an
+    empty one (evaluate.inception decided so on the stage's machine, and said why)."""
+    ref = ctx.inception
+    if ctx.model is None or ref is None or len(ref) < 2:
+        return {}
+    from components.evaluation import features as F
+    from components.evaluation.grid import evaluation_images
+    from components.evaluation.inception import inception_features
+
+    device = str(next(ctx.model.parameters()).device)
+    fake = inception_features(evaluation_images(ctx.model, ctx.kind, ref.images, ctx.seed), device)  # (N, 2048)
+    mean, std = F.kid(ref.features, fake, ctx.kid_subset_size)
+    out = {"inception_fid": F.fid(ref.features, fake), "inception_kid": mean, "inception_kid_std": std}
+    if "inception_fid_floor" in ref.info:
+        out["inception_fid_floor"] = ref.info["inception_fid_floor"]
+    return out
 
 
 @METRICS.register("class_coverage")
@@ -268,3 +297,11 @@ def classification_accuracy_score(ctx: EvalContext) -> dict[str, float]:
     with torch.random.fork_rng(devices=[]):
         judge = train_classifier(fake_u8, labels, model.num_classes, ctx.classifier_config, device, progress=False)
     return {"cas": accuracy(judge, ctx.real, ctx.real_labels.to(torch.long).cpu())}
+
+
+@METRICS.register("augment")
+def augment(ctx: EvalContext) -> dict[str, float]:
+    """Accuracy gain of a classifier trained on scarce real data when the model's samples are added."""
+    from components.evaluation.augment import augment_scores
+
+    return augment_scores(ctx)
