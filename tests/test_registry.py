@@ -369,3 +369,11 @@ def test_a_rescored_champions_interval_is_stored_and_judged(tmp_path, store):
     key = protocol_key(OTHER_PROTOCOL)
     assert float(tags[f"score.{key}.fid_ci_low"]) == 45.0 and float(tags[f"score.{key}.fid_ci_high"]) == 56.0
     assert store.get_model_version(NAME, "2").tags["promotion.champion_ci"] == "[45.0, 56.0]"
+
+
+def test_the_inception_scores_protocol_is_stored_with_the_version(tmp_path, store):
+    candidate = make_candidate(tmp_path, 0, 100.0)
+    info = {"num_samples": 12, "why": "12 images (mode: always)", "protocol": {"extractor_sha1": "a16e", "num_samples": 12}}
+    write_json(info, candidate[1] / "inception.json")
+    registration = register(candidate)
+    assert json.loads(store.get_model_version(NAME, registration.version).tags["inception_protocol"]) == info

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Callable
 
 from components.config import RegistryConfig
-from components.evaluation.protocol import PROTOCOL_FILE, protocol_key
+from components.evaluation.protocol import INCEPTION_PROTOCOL_FILE, PROTOCOL_FILE, protocol_key
 from components.tracking import audit
 from components.tracking.champion_lock import ChampionLock, champion_lock, is_lock_model
 from components.tracking.runs import client, ensure_experiment, has_error_code
+from components.tracking.stale_scores import mark_stale
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_TAG = "model_md5"  # lineage tag, DVC hash of the model folder: one registered version per artefact
@@ -166,6 +167,9 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
         return Registration(name, str(mv.version), "unchanged", "this model artefact is registered already")
     if mv is None:
         tags = {**lineage, "protocol": json.dumps(protocol, sort_keys=True), "protocol_key": protocol_key(protocol)}
+        inception_file = eval_dir / INCEPTION_PROTOCOL_FILE  # the Inception scores' protocol, or why none
+        if inception_file.is_file():
+            tags["inception_protocol"] = json.dumps(json.loads(inception_file.read_text()), sort_keys=True)
         mv = _log_and_register(c, name, model_dir, eval_dir, tags, metrics)
     with champion_lock(c, name) as lock:  # judged and applied while no other registration moves the champion
         mv = c.get_model_version(name, mv.version)  # as it is now, after waiting for the lock
@@ -173,6 +177,9 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
             return Registration(name, str(mv.version), "unchanged", "this model artefact is registered already")
         plan = json.loads(mv.tags[PENDING]) if PENDING in mv.tags else _judge(
             c, name, mv, float(value), interval(metrics, cfg.gating_metric), cfg, protocol, rescore)
+        # After the champion's re-score (named in its note), before the decision tag that ends the version:
+        # a rerun after a crash in between marks again.
+        mark_stale(c, name, protocol, str(mv.version))
         _apply(c, name, str(mv.version), plan, lock)
     return Registration(name, str(mv.version), plan["decision"], plan["reason"])
 
