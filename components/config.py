@@ -26,6 +26,13 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
 
+class ArchiveLimits(Frozen):
+    """Bounds on what an archive source may hold; past them the rest is refused, each refusal reported."""
+
+    max_members: int = Field(gt=0)
+    max_bytes: int = Field(gt=0)  # uncompressed, all members together
+
+
 class DataConfig(Frozen):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     source: str
@@ -37,6 +44,8 @@ class DataConfig(Frozen):
     limit_per_split: int | None = Field(gt=0)
     max_pixels: int = Field(gt=0)
     shard_size: int = Field(gt=0)
+    follow_symlinks: bool  # false: symlinks are refused (reported); true: followed, but never out of data.path
+    archive: ArchiveLimits
 
 
 class ClassifierConfig(Frozen):

@@ -50,7 +50,44 @@ def ingest_stage(params: Params, out_dir: Path, metrics_path: Path) -> dict:
 
     summary = ingest(params.data, Path(out_dir))
     write_json(summary, Path(metrics_path))
+    log_ingest_run(params, Path(out_dir), summary)
     return summary
+
+
+def log_ingest_run(params: Params, data_dir: Path, summary: dict) -> None:
+    """The ingest as an MLflow run of the `<data.name>-ingest` experiment: its counts, the data params
+    and the report (report.json, contact sheet, every file left out). The report is also in the dataset
+    folder (DVC), so an unreachable tracking server costs a warning, not the ingest."""
+    import warnings
+
+    from components.tracking.runs import client, ensure_experiment
+
+    files = [data_dir / name for name in ("report.json", "contact_sheet.png", "rejected.jsonl")]
+    try:
+        c = client()
+        run = c.create_run(ensure_experiment(f"{params.data.name}-ingest"), run_name="ingest",
+                           tags={"dataset_version": dataset_version(data_dir)})
+        c.log_batch(run.info.run_id, params=_params_of(params.data.model_dump(mode="json")))
+        for key, value in summary.items():
+            c.log_metric(run.info.run_id, key, float(value))
+        for path in files:
+            if path.is_file():
+                c.log_artifact(run.info.run_id, str(path), artifact_path="report")
+        c.set_terminated(run.info.run_id)
+    except Exception as exc:  # noqa: BLE001 - any tracking failure; the dataset itself is done
+        warnings.warn(f"the ingest report was not logged to MLflow ({type(exc).__name__}: {exc}); it is in {data_dir}")
+
+
+def _params_of(config: dict, prefix: str = "data.") -> list:
+    from mlflow.entities import Param
+
+    flat = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat += _params_of(value, f"{prefix}{key}.")
+        else:
+            flat.append(Param(f"{prefix}{key}", str(value)))
+    return flat
 
 
 def classifier_stage(params: Params, data_dir: Path, out_dir: Path, metrics_path: Path) -> dict:

@@ -17,7 +17,7 @@ from components.config import DataConfig
 from components.data import pack as pack_module
 from components.data import validate as validate_module
 from components.data.ingest import ingest
-from components.data.pack import dataset_version, load_split, pack_dataset, read_manifest
+from components.data.pack import dataset_version, load_split, pack_dataset, read_items, read_manifest, read_rejected
 from components.data.sources import DataError, RawDataset, Split
 from components.data.validate import ImageRejected, load_image
 
@@ -36,6 +36,8 @@ def data_cfg(path, **overrides) -> DataConfig:
         "limit_per_split": None,
         "max_pixels": 10_000,
         "shard_size": 4,
+        "follow_symlinks": False,
+        "archive": {"max_members": 1000, "max_bytes": 10_000_000},
     }
     return DataConfig.model_validate({**fields, **overrides})
 
@@ -85,12 +87,12 @@ def test_image_folder_rejects_each_bad_kind_and_packs_the_rest(folder, tmp_path)
     summary = ingest(data_cfg(folder), out, log=lines.append)
     manifest = read_manifest(out)
 
-    reasons = {r["origin"]: r["reason"] for r in manifest["rejected"]}
+    reasons = {r["origin"]: r["reason"] for r in read_rejected(out)}
     assert set(reasons) == set(BAD_FILES)
     for origin, expected in BAD_FILES.items():
         assert reasons[origin].startswith(expected), (origin, reasons[origin])
 
-    packed = sorted(item["origin"] for item in manifest["items"])
+    packed = sorted(item["origin"] for item in read_items(out))
     valid = [f"{c}/{i}.png" for c in ("cats", "dogs") for i in range(5)] + ["cats/j.JPG", "dogs/j.JPG"]
     assert packed == sorted(valid)
     assert manifest["classes"] == ["cats", "dogs"]
@@ -98,7 +100,7 @@ def test_image_folder_rejects_each_bad_kind_and_packs_the_rest(folder, tmp_path)
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["items_train"] + summary["items_test"] == 12
     assert summary["rejected"] == len(BAD_FILES) and summary["num_classes"] == 2
-    assert any("6 rejected" in line for line in lines) and any("manifest.json" in line for line in lines)
+    assert any("6 left out" in line for line in lines) and any("rejected.jsonl" in line for line in lines)
 
     # the split is a pure function of file content: a second run packs the same bytes
     ingest(data_cfg(folder), tmp_path / "again", log=lambda _: None)
@@ -132,7 +134,7 @@ def test_pack_round_trip_and_shards(tmp_path):
     x, y = load_split(tmp_path / "ds", "train")
     assert x.dtype == torch.uint8 and y.dtype == torch.int64 and x.shape == (10, 3, 8, 8)
     assert np.array_equal(x.numpy(), images) and np.array_equal(y.numpy(), labels)
-    for item in manifest["items"]:
+    for item in read_items(tmp_path / "ds"):
         with np.load(tmp_path / "ds" / item["shard"], allow_pickle=False) as shard:
             assert hashlib.sha256(shard["images"][item["index"]].tobytes()).hexdigest() == item["sha256"]
 
@@ -164,7 +166,7 @@ def test_failed_ingest_leaves_existing_dataset_untouched(folder, tmp_path, monke
 def test_empty_train_split_is_refused(tmp_path):
     (tmp_path / "only/a").mkdir(parents=True)
     (tmp_path / "only/a/x.png").write_text("nope")
-    with pytest.raises(DataError, match="no valid training images.*1 rejected"):
+    with pytest.raises(DataError, match="no valid training images.*1 left out"):
         ingest(data_cfg(tmp_path / "only"), tmp_path / "out", log=lambda _: None)
     (tmp_path / "flat").mkdir()
     with pytest.raises(DataError, match="no class folders"):
@@ -234,7 +236,7 @@ def test_fashion_mnist_synthetic(tmp_path, gz):
     assert x.shape == (5, 1, 28, 28) and y.dtype == torch.int64
     manifest = read_manifest(tmp_path / "out")
     assert manifest["classes"][0] == "T-shirt/top" and manifest["classes"][9] == "Ankle boot"
-    assert manifest["items"][1]["origin"] == "train-images-idx3-ubyte#1"  # same with or without .gz
+    assert read_items(tmp_path / "out")[1]["origin"] == "train-images-idx3-ubyte#1"  # same with or without .gz
 
 
 def test_fashion_mnist_resize_and_channels(tmp_path):
@@ -289,7 +291,7 @@ def test_dataset_version_ignores_where_the_data_lies_and_sharding(folder, tmp_pa
     assert len(version) == 16 and read_manifest(tmp_path / "a")["dataset_version"] == version
     assert str(tmp_path) not in (tmp_path / "a/manifest.json").read_text()
 
-    ingest(data_cfg(moved, shard_size=3), tmp_path / "c", log=lambda _: None)
+    ingest(data_cfg(moved, shard_size=2), tmp_path / "c", log=lambda _: None)
     assert read_manifest(tmp_path / "c")["splits"]["train"]["shards"] != read_manifest(tmp_path / "a")[
         "splits"]["train"]["shards"]
     assert dataset_version(tmp_path / "c") == version
@@ -374,6 +376,6 @@ def test_conversion_error_rejects_one_file(folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr(validate_module, "_to_mode", flaky)
     summary = ingest(data_cfg(folder), tmp_path / "out", log=lambda _: None)
-    reasons = {r["origin"]: r["reason"] for r in read_manifest(tmp_path / "out")["rejected"]}
+    reasons = {r["origin"]: r["reason"] for r in read_rejected(tmp_path / "out")}
     assert reasons["cats/odd.png"] == "cannot convert: ValueError: conversion not supported"
     assert summary["items_train"] + summary["items_test"] == 12

@@ -1,9 +1,11 @@
-"""Packed dataset on disk: .npz shards per split, manifest.json (lineage), summary.json (DVC metrics).
+"""Packed dataset on disk: .npz shards per split, the manifest (lineage), the items and rejections
+(JSON Lines: they scale past a million), the ingest report and summary.json (DVC metrics).
 
 Layout of a dataset folder:
     {split}-{k:03d}.npz   arrays `images` (uint8 N×C×H×W) and `labels` (int64 N), ≤ data.shard_size items
-    manifest.json         dataset_version, classes, splits, one entry per item (shard, index, sha256, origin),
-                          rejections, config
+    manifest.json         dataset_version, classes, splits (counts, shards, class counts), source, config
+    items.jsonl           one line per item: split, shard, index, label, sha256 of its pixels, origin, ...
+    rejected.jsonl        one line per file left out: origin, reason (and duplicate_of for duplicates)
     summary.json          flat counts: items_<split>, rejected, num_classes
 
 Nothing written depends on where the source lay (data.path is left out, origins are relative to it),
@@ -17,19 +19,23 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
 from components.data.sources import DataError, RawDataset
 
 if TYPE_CHECKING:
+    import torch
+
     from components.config import DataConfig
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
+ITEMS = "items.jsonl"  # one line per item: split, shard, index, label, sha256 (pixels), origin, ...
+REJECTED = "rejected.jsonl"  # one line per file left out: origin, reason (duplicates: duplicate_of)
 
 
 def _check(raw: RawDataset, shape: tuple[int, int, int]) -> None:
@@ -44,49 +50,109 @@ def _check(raw: RawDataset, shape: tuple[int, int, int]) -> None:
             raise DataError(f"split {name!r}: labels outside 0..{len(raw.classes) - 1}")
 
 
-def _write_json(path: Path, manifest: dict) -> None:
-    # One item per line: readable, and a fraction of the size of fully indented JSON for 70k items.
-    items = manifest["items"]
-    head = json.dumps({k: v for k, v in manifest.items() if k != "items"}, indent=2)
-    body = ",\n".join("    " + json.dumps(item) for item in items)
-    path.write_text(head[: -len("\n}")] + ',\n  "items": [\n' + body + "\n  ]\n}\n")
+class DatasetWriter:
+    """Writes a dataset item by item into a folder: each split's items buffered up to one shard, then
+    saved, so memory holds at most one shard per split; items.jsonl gets one line per item as its
+    shard is written. `finish()` writes the manifest and returns it."""
 
+    def __init__(self, folder: Path, classes: list[str], shape: tuple[int, int, int], shard_size: int,
+                 splits: tuple[str, ...] = ("train", "test")):
+        self.folder, self.classes, self.shape, self.shard_size = Path(folder), list(classes), shape, shard_size
+        self.buffers: dict[str, list[tuple[np.ndarray, int, dict]]] = {name: [] for name in splits}
+        self.splits = {name: {"count": 0, "shards": [], "class_counts": dict.fromkeys(self.classes, 0)}
+                       for name in splits}
+        self.digests = {name: hashlib.sha256() for name in splits}  # of what training sees, in order
+        self.items = open(self.folder / ITEMS, "w")
 
-def _write_split(tmp: Path, name: str, raw: RawDataset, shard_size: int) -> tuple[dict, list[dict]]:
-    split = raw.splits[name]
-    shards, items = [], []
-    for start in range(0, len(split), shard_size):
-        shard = f"{name}-{len(shards):03d}.npz"
-        images = np.ascontiguousarray(split.images[start : start + shard_size])
-        labels = split.labels[start : start + shard_size].astype(np.int64)
-        np.savez(tmp / shard, images=images, labels=labels)
-        shards.append(shard)
-        for index, (pixels, label) in enumerate(zip(images, labels)):
-            items.append({
-                "split": name,
-                "shard": shard,
-                "index": index,
-                "label": int(label),
-                "sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),
-                "origin": split.origins[start + index],
-            })
-    counts = np.bincount(split.labels, minlength=len(raw.classes))
-    info = {
-        "count": len(split),
-        "shards": shards,
-        "class_counts": {c: int(n) for c, n in zip(raw.classes, counts)},
-    }
-    return info, items
+    def count(self, split: str) -> int:
+        return self.splits[split]["count"] + len(self.buffers[split])
 
+    def add(self, split: str, pixels: np.ndarray, label: int, item: dict) -> None:
+        """One image (uint8 C×H×W) of class `label`; `item` holds what the manifest records of it
+        (origin, hashes); split, shard, index, label and the pixels' sha256 are added here."""
+        if pixels.dtype != np.uint8 or pixels.shape != self.shape:
+            raise DataError(f"{item.get('origin')}: image is {pixels.dtype} {pixels.shape}, expected uint8 {self.shape}")
+        if not 0 <= label < len(self.classes):
+            raise DataError(f"{item.get('origin')}: label {label} outside 0..{len(self.classes) - 1}")
+        self.buffers[split].append((pixels, label, item))
+        if len(self.buffers[split]) >= self.shard_size:
+            self._flush(split)
 
-def _content_version(shape: tuple[int, int, int], classes: list[str], splits: dict, items: list[dict]) -> str:
-    """Hash of what training sees, independent of data.path, origins and data.shard_size."""
-    digest = hashlib.sha256()
-    counts = {name: info["count"] for name, info in splits.items()}
-    digest.update(json.dumps({"image_shape": list(shape), "classes": classes, "splits": counts}).encode())
-    for item in items:  # split by split, in the order load_split returns them
-        digest.update(f"\n{item['split']} {item['label']} {item['sha256']}".encode())
-    return digest.hexdigest()[:16]
+    def _flush(self, split: str) -> None:
+        buffer, info = self.buffers[split], self.splits[split]
+        if not buffer:
+            return
+        shard = f"{split}-{len(info['shards']):03d}.npz"
+        images = np.stack([pixels for pixels, _, _ in buffer])
+        labels = np.asarray([label for _, label, _ in buffer], dtype=np.int64)
+        np.savez(self.folder / shard, images=images, labels=labels)
+        info["shards"].append(shard)
+        for index, (pixels, label, item) in enumerate(buffer):
+            sha = item.get("sha256") or hashlib.sha256(pixels.tobytes()).hexdigest()
+            record = {"split": split, "shard": shard, "index": index, "label": label, "sha256": sha, **item}
+            self.items.write(json.dumps(record) + "\n")
+            self.digests[split].update(f"\n{label} {sha}".encode())
+            info["class_counts"][self.classes[label]] += 1
+        info["count"] += len(buffer)
+        buffer.clear()
+
+    def drop_empty_classes(self) -> list[str]:
+        """Leave out the classes no item was written for (every file of theirs refused): labels are
+        renumbered in the shards and items.jsonl, so no model gets a class without data. Returns
+        the names left out. Call once every item is added."""
+        for split in self.buffers:
+            self._flush(split)
+        totals = {name: sum(info["class_counts"][name] for info in self.splits.values()) for name in self.classes}
+        empty = [name for name in self.classes if totals[name] == 0]
+        if not empty:
+            return []
+        keep = [name for name in self.classes if totals[name]]
+        renumber = np.full(len(self.classes), -1, dtype=np.int64)
+        renumber[[self.classes.index(name) for name in keep]] = np.arange(len(keep))
+        for info in self.splits.values():
+            for shard in info["shards"]:
+                with np.load(self.folder / shard, allow_pickle=False) as data:
+                    images, labels = data["images"], data["labels"]
+                np.savez(self.folder / shard, images=images, labels=renumber[labels])
+            info["class_counts"] = {name: info["class_counts"][name] for name in keep}
+        self.items.close()
+        self.digests = {name: hashlib.sha256() for name in self.splits}
+        old = self.folder / ITEMS
+        os.replace(old, self.folder / (ITEMS + ".old"))
+        with open(self.folder / (ITEMS + ".old")) as lines, open(old, "w") as out:
+            for line in lines:
+                record = json.loads(line)
+                record["label"] = int(renumber[record["label"]])
+                out.write(json.dumps(record) + "\n")
+                self.digests[record["split"]].update(f"\n{record['label']} {record['sha256']}".encode())
+        (self.folder / (ITEMS + ".old")).unlink()
+        self.items = open(old, "a")
+        self.classes = keep
+        return empty
+
+    def finish(self, manifest: dict) -> dict:
+        """Write the last shards and manifest.json (`manifest` plus classes, splits, image_shape and the
+        dataset_version); return the whole manifest."""
+        for split in self.buffers:
+            self._flush(split)
+        self.items.close()
+        manifest = {**manifest, "dataset_version": self.version(), "image_shape": list(self.shape),
+                    "classes": self.classes, "splits": self.splits, "items": ITEMS}
+        (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
+
+    def close(self) -> None:
+        self.items.close()
+
+    def version(self) -> str:
+        """Hash of what training sees, independent of data.path, origins and data.shard_size: image
+        shape, classes, split sizes and, per split in order, each item's label and pixels."""
+        digest = hashlib.sha256()
+        counts = {name: info["count"] for name, info in self.splits.items()}
+        digest.update(json.dumps({"image_shape": list(self.shape), "classes": self.classes, "splits": counts}).encode())
+        for name in self.splits:
+            digest.update(f"\n{name} {self.digests[name].hexdigest()}".encode())
+        return digest.hexdigest()[:16]
 
 
 def swap_in(tmp: Path, out_dir: Path) -> None:
@@ -106,38 +172,68 @@ def swap_in(tmp: Path, out_dir: Path) -> None:
 
 
 def pack_dataset(raw: RawDataset, out_dir: Path, cfg: DataConfig, source_info: dict) -> dict:
-    """Write raw into out_dir atomically (all or nothing) and return the summary counts."""
-    out_dir = Path(out_dir)
+    """Write raw (decoded arrays, splits given) into out_dir atomically (all or nothing) and return the
+    summary counts."""
+    from components.data.report import IngestReport
+
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     _check(raw, shape)
+    with staged_dataset(out_dir) as tmp:
+        writer = DatasetWriter(tmp, list(raw.classes), shape, cfg.shard_size, tuple(raw.splits))
+        report = IngestReport(tmp, list(raw.classes))
+        try:
+            for name, split in raw.splits.items():
+                for pixels, label, origin in zip(split.images, split.labels, split.origins):
+                    writer.add(name, np.ascontiguousarray(pixels), int(label), {"origin": origin})
+                    report.accepted(name, raw.classes[label], pixels)
+            for rejection in raw.rejected:
+                report.reject(rejection["origin"], rejection["reason"])
+            manifest = writer.finish({"name": cfg.name, "source": dict(source_info), "rejected": REJECTED,
+                                      "config": cfg.model_dump(mode="json", exclude={"path"})})
+        finally:
+            writer.close()
+            report.close()
+        report.write(manifest)
+        return write_summary(tmp, manifest, report.rejected)
+
+
+def write_summary(folder: Path, manifest: dict, rejected: int) -> dict:
+    """summary.json, the ingest stage's DVC metrics: flat counts."""
+    summary = {f"items_{name}": info["count"] for name, info in manifest["splits"].items()}
+    summary |= {"rejected": rejected, "num_classes": len(manifest["classes"])}
+    (folder / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+@contextmanager
+def staged_dataset(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside out_dir to write a dataset into; swapped in for out_dir only when the
+    block ends without an error, otherwise removed (out_dir left as it was)."""
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the dataset folder should not be
-        splits, items = {}, []
-        for name in raw.splits:
-            splits[name], split_items = _write_split(tmp, name, raw, cfg.shard_size)
-            items += split_items
-        manifest = {
-            "name": cfg.name,
-            "dataset_version": _content_version(shape, list(raw.classes), splits, items),
-            "source": dict(source_info),
-            "image_shape": list(shape),
-            "classes": list(raw.classes),
-            "splits": splits,
-            "rejected": [{"origin": r["origin"], "reason": r["reason"]} for r in raw.rejected],
-            "config": cfg.model_dump(mode="json", exclude={"path"}),
-            "items": items,
-        }
-        summary = {f"items_{name}": info["count"] for name, info in splits.items()}
-        summary |= {"rejected": len(raw.rejected), "num_classes": len(raw.classes)}
-        _write_json(tmp / MANIFEST, manifest)
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        yield tmp
         swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return summary
+
+
+def read_items(dataset_dir: str | Path) -> list[dict]:
+    """Every packed item's record (items.jsonl), in the order they were written."""
+    return read_jsonl(Path(dataset_dir) / ITEMS)
+
+
+def read_rejected(dataset_dir: str | Path) -> list[dict]:
+    """Every file the ingest left out, with its reason (rejected.jsonl)."""
+    return read_jsonl(Path(dataset_dir) / REJECTED)
 
 
 def read_manifest(dataset_dir: str | Path) -> dict:
@@ -151,7 +247,7 @@ def read_manifest(dataset_dir: str | Path) -> dict:
 
 
 def dataset_version(dataset_dir: str | Path) -> str:
-    """The packed dataset's content hash (see _content_version): the one dataset version for lineage."""
+    """The packed dataset's content hash (DatasetWriter.version): the one dataset version for lineage."""
     manifest = read_manifest(dataset_dir)
     if "dataset_version" not in manifest:
         raise DataError(
@@ -163,6 +259,8 @@ def dataset_version(dataset_dir: str | Path) -> str:
 
 def load_split(dataset_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All items of one split: (uint8 N×C×H×W, int64 N) tensors, in manifest order."""
+    import torch  # here: the ingest, which only writes datasets, starts without it
+
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     if split not in manifest["splits"]:

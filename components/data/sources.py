@@ -1,21 +1,19 @@
-"""Data sources: each turns a DataConfig into a RawDataset (decoded, validated arrays per split).
+"""Data sources, picked by params.yaml's `data.source` from SOURCES (components/data/items.py).
 
-A source is a function `(cfg) -> RawDataset` registered with `@SOURCES.register("name")`;
-params.yaml picks one with `data.source`.
+Sources of image files (image-folder, archive, s3: files.py, archive.py, s3.py) list what they find
+and the ingest decodes it (stream.py); fashion-mnist, below, comes decoded with its own splits.
 """
 from __future__ import annotations
 
 import gzip
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from components.data.validate import ImageRejected, load_image
-from components.registry import Registry
+from components.data.items import SOURCES
 
 if TYPE_CHECKING:
     from components.config import DataConfig
@@ -42,7 +40,6 @@ class RawDataset:
     rejected: list[dict] = field(default_factory=list)  # {"origin": ..., "reason": ...}
 
 
-SOURCES: Registry[Callable[["DataConfig"], RawDataset]] = Registry("data source")
 
 _MISSING_FMNIST = (
     "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
@@ -51,7 +48,6 @@ _MISSING_FMNIST = (
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 
 
 def _idx_file(folder: Path, stem: str) -> Path:
@@ -123,67 +119,24 @@ def fashion_mnist(cfg: DataConfig) -> RawDataset:
     return RawDataset(classes=list(FASHION_MNIST_CLASSES), splits=splits, rejected=[])
 
 
-def _split_of(data: bytes, test_fraction: float) -> str:
-    # Deterministic by content: the same file lands in the same split on every machine and rerun,
-    # and adding files never moves existing ones.
-    sha = hashlib.sha256(data).hexdigest()
-    return "test" if int(sha[:8], 16) / 2**32 < test_fraction else "train"
-
-
-def _rejection(origin: str, path: Path, reason: str) -> dict:
-    # Error messages quote the absolute path; name the file by its origin instead, so the packed
-    # dataset does not depend on where the folder lies.
-    return {"origin": origin, "reason": reason.replace(str(path), origin)}
-
-
+# Sources of image files: their modules are imported when used (boto3 only for s3), so the stages
+# that read params.yaml do not depend on them.
 @SOURCES.register("image-folder")
-def image_folder(cfg: DataConfig) -> RawDataset:
-    root = Path(cfg.path)
-    if not root.is_dir():
-        raise DataError(f"{root}: image folder not found; set data.path in params.yaml")
-    entries = sorted(root.iterdir())
-    classes = [p.name for p in entries if p.is_dir()]
-    if not classes:
-        raise DataError(
-            f"{root}: no class folders; expected one sub-folder per class holding .png/.jpg/.jpeg images"
-        )
-    rejected = [
-        {"origin": p.name, "reason": "not inside a class folder"} for p in entries if not p.is_dir()
-    ]
-    collected: dict[str, tuple[list, list, list]] = {"train": ([], [], []), "test": ([], [], [])}
-    limit = cfg.limit_per_split
-    files = [(label, path.relative_to(root).as_posix(), path)
-             for label, name in enumerate(classes) for path in (root / name).rglob("*") if path.is_file()]
-    # Visit files in an order fixed by their path's hash rather than class by class, so a
-    # limit_per_split subset (or any prefix of a split) mixes all classes.
-    files.sort(key=lambda item: hashlib.sha256(item[1].encode()).digest())
-    for label, origin, path in files:
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            reason = f"unsupported extension {path.suffix!r} (use .png, .jpg, .jpeg)"
-            rejected.append(_rejection(origin, path, reason))
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            rejected.append(_rejection(origin, path, f"unreadable: {exc}"))
-            continue
-        images, labels, origins = collected[_split_of(data, cfg.test_fraction)]
-        if limit is not None and len(images) >= limit:
-            continue  # a deliberate subset, not a rejection
-        try:
-            images.append(load_image(path, cfg))
-        except ImageRejected as exc:
-            rejected.append(_rejection(origin, path, exc.reason))
-            continue
-        labels.append(label)
-        origins.append(origin)
-    shape = (0, cfg.channels, cfg.image_size, cfg.image_size)
-    splits = {
-        split: Split(
-            images=np.stack(images) if images else np.zeros(shape, np.uint8),
-            labels=np.asarray(labels, dtype=np.int64),
-            origins=origins,
-        )
-        for split, (images, labels, origins) in collected.items()
-    }
-    return RawDataset(classes=classes, splits=splits, rejected=rejected)
+def image_folder(cfg: DataConfig):
+    from components.data.files import walk_folder
+
+    return walk_folder(Path(cfg.path), cfg.follow_symlinks)
+
+
+@SOURCES.register("archive")
+def archive(cfg: DataConfig):
+    from components.data.archive import walk_archive
+
+    return walk_archive(Path(cfg.path), cfg.archive)
+
+
+@SOURCES.register("s3")
+def s3(cfg: DataConfig):
+    from components.data.s3 import walk_s3
+
+    return walk_s3(cfg.path)

@@ -1,6 +1,7 @@
-"""Load one image file as a uint8 C×H×W array, or reject it with a reason a person can act on.
+"""Decode one image file as a uint8 C×H×W array, or reject it with a reason a person can act on.
 
-Checks, in order: the header decodes; width*height from the header is at most data.max_pixels
+PNG, JPEG, GIF, BMP, WebP and TIFF decode alike. A file of several frames (an animated GIF or
+WebP, a multi-page TIFF) gives its first frame, and says so. Checks, in order: the header decodes; width*height from the header is at most data.max_pixels
 (checked before any pixel is decoded, so a decompression bomb costs nothing); the file is complete
 (PIL's verify() on one open, then a full load() on a fresh one); the EXIF orientation is applied;
 the mode and size rules below. Any error while converting rejects that one image.
@@ -16,6 +17,7 @@ data.resize false they are rejected.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +39,7 @@ class ImageRejected(Exception):
         self.reason = reason
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path | io.BytesIO) -> Image.Image:
     # PIL's own bomb check runs inside Image.open; turn its warning into an error so both
     # its levels (warning above MAX_IMAGE_PIXELS, error above twice that) become a rejection.
     with warnings.catch_warnings():
@@ -46,12 +48,14 @@ def _open(path: Path) -> Image.Image:
             return Image.open(path)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRejected(f"decompression bomb: {exc}") from None
-        except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError from broken headers
+        except Image.UnidentifiedImageError:  # its message names the file object, which says nothing
+            raise ImageRejected("not a decodable image: no image format recognised") from None
+        except Exception as exc:  # OSError, SyntaxError from broken headers
             raise ImageRejected(f"not a decodable image: {exc}") from None
 
 
-def _check_header(path: Path, max_pixels: int) -> None:
-    with _open(path) as img:
+def _check_header(data: bytes, max_pixels: int) -> None:
+    with _open(io.BytesIO(data)) as img:
         w, h = img.size
         if w * h > max_pixels:
             raise ImageRejected(f"decompression bomb: {w}x{h} = {w * h} pixels > data.max_pixels {max_pixels}")
@@ -95,9 +99,18 @@ def _fit(img: Image.Image, size: int, resize: bool) -> Image.Image:
 
 def load_image(path: str | Path, cfg: DataConfig) -> np.ndarray:
     """Decode, check and convert one image file; raise ImageRejected with the reason if unusable."""
-    path = Path(path)
-    _check_header(path, cfg.max_pixels)
-    with _open(path) as img:
+    return decode_image(Path(path).read_bytes(), cfg)[0]
+
+
+def decode_image(data: bytes, cfg: DataConfig) -> tuple[np.ndarray, str | None]:
+    """(pixels, note): the checked and converted image of a file's bytes, and which frame was taken
+    when it has several (None otherwise); raise ImageRejected with the reason if unusable."""
+    _check_header(data, cfg.max_pixels)
+    note = None
+    with _open(io.BytesIO(data)) as img:
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1:
+            note = f"{img.format} of {frames} frames: the first taken"
         try:
             img.load()
         except Exception as exc:
@@ -111,4 +124,4 @@ def load_image(path: str | Path, cfg: DataConfig) -> np.ndarray:
         except Exception as exc:  # an odd mode or broken metadata costs this file, not the ingest
             raise ImageRejected(f"cannot convert: {type(exc).__name__}: {exc}") from None
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    return np.ascontiguousarray(pixels)
+    return np.ascontiguousarray(pixels), note

@@ -1,0 +1,182 @@
+"""The ingest of file sources, streamed: files read one by one, decoded in a process pool, duplicates
+dropped, the split decided by content, and the dataset written shard by shard.
+
+Memory is bounded whatever the number of files: a few shards being filled and the decode window
+(WINDOW_PER_WORKER chunks of CHUNK files per process); the hash of every distinct image met is kept
+in an SQLite file, not in memory. Results come back in the source's order, so the dataset is the
+same whatever the number of processes.
+
+The split is a function of the decoded pixels (their sha256), so pixel-identical files, and
+byte-identical ones, always fall in the same split: no duplicate can sit in both train and test.
+Each distinct image is kept once, the first in the source's order; the others are reported with
+the file they duplicate.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sqlite3
+import tempfile
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
+
+from components.data.items import FileItem, Listing, Skipped
+from components.data.validate import ImageRejected, decode_image
+
+if TYPE_CHECKING:
+    from components.config import DataConfig
+    from components.data.pack import DatasetWriter
+    from components.data.report import IngestReport
+
+CHUNK = 64  # files per task sent to a decode process
+WINDOW_PER_WORKER = 4  # tasks in flight per process: keeps each busy while bounding memory
+POOL_AFTER = 4 * CHUNK  # files decoded in this process before the pool starts (~0.5 s per process)
+
+
+def decode_processes() -> int:
+    """One decode process per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def split_of(pixels_sha256: str, test_fraction: float) -> str:
+    """Deterministic by content: the same image lands in the same split on every machine and rerun,
+    adding files never moves existing ones, and duplicates never straddle the split."""
+    return "test" if int(pixels_sha256[:8], 16) / 2**32 < test_fraction else "train"
+
+
+_CONFIG: DataConfig | None = None  # a decode process's copy of the data params
+
+
+def _start_decoder(config_json: str) -> None:
+    global _CONFIG
+    from components.config import DataConfig
+
+    _CONFIG = DataConfig.model_validate_json(config_json)
+
+
+def decode(data: bytes, cfg: DataConfig) -> tuple:
+    """(bytes sha256, pixels or None, pixels sha256, note, rejection reason) of one file's bytes."""
+    bytes_sha = hashlib.sha256(data).hexdigest()
+    try:
+        pixels, note = decode_image(data, cfg)
+    except ImageRejected as exc:
+        return bytes_sha, None, None, None, exc.reason
+    return bytes_sha, pixels, hashlib.sha256(pixels.tobytes()).hexdigest(), note, None
+
+
+def _decode_chunk(chunk: list[bytes]) -> list[tuple]:
+    return [decode(data, _CONFIG) for data in chunk]
+
+
+def _read(entries: Iterable[FileItem | Skipped], report: IngestReport) -> Iterator[tuple[FileItem, bytes]]:
+    """The files' bytes, in order; what the source refused, and unreadable files, go to the report."""
+    for entry in entries:
+        if isinstance(entry, Skipped):
+            report.reject(entry.origin, entry.reason)
+            continue
+        try:
+            data = entry.read()
+        except OSError as exc:
+            report.reject(entry.origin, f"unreadable: {exc}")
+            continue
+        yield entry, data
+
+
+def decoded(files: Iterator[tuple[FileItem, bytes]], cfg: DataConfig, processes: int) -> Iterator[tuple]:
+    """(item, bytes sha256, pixels, pixels sha256, note, reason) per file, in the files' order. The first
+    POOL_AFTER files are decoded here: a small source never pays for starting the processes."""
+    files = iter(files)
+    for item, data in islice(files, POOL_AFTER):
+        yield (item, *decode(data, cfg))
+    if processes <= 1:
+        for item, data in files:
+            yield (item, *decode(data, cfg))
+        return
+    chunks = iter(lambda: list(islice(files, CHUNK)), [])
+    # spawn: the decode processes start clean, whatever threads (Prefect, MLflow) the parent holds.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_decoder,
+                             initargs=(cfg.model_dump_json(),)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(([item for item, _ in chunk], pool.submit(_decode_chunk, [data for _, data in chunk])))
+            if len(pending) >= processes * WINDOW_PER_WORKER:
+                items, future = pending.popleft()
+                yield from ((item, *result) for item, result in zip(items, future.result()))
+        while pending:
+            items, future = pending.popleft()
+            yield from ((item, *result) for item, result in zip(items, future.result()))
+
+
+class SeenImages:
+    """The distinct images met so far (pixels sha256 → first origin and its bytes sha256), in an SQLite
+    file rather than in memory: one entry per image would otherwise grow with the dataset."""
+
+    def __init__(self, folder: Path):
+        self.db = sqlite3.connect(folder / "seen.sqlite", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode = OFF")
+        self.db.execute("PRAGMA synchronous = OFF")
+        self.db.execute("CREATE TABLE seen (pixels BLOB PRIMARY KEY, bytes BLOB, origin TEXT, label TEXT) WITHOUT ROWID")
+        self.db.execute("BEGIN")
+
+    def first(self, pixels_sha: str, bytes_sha: str, item: FileItem) -> tuple[str, str, str] | None:
+        """None the first time these pixels are met (they are recorded as `item`'s); afterwards the
+        origin first met with them, its bytes sha256 and its class."""
+        key = bytes.fromhex(pixels_sha)
+        inserted = self.db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)",
+                                   (key, bytes.fromhex(bytes_sha), item.origin, item.label)).rowcount
+        if inserted:
+            return None
+        first_bytes, origin, label = self.db.execute("SELECT bytes, origin, label FROM seen WHERE pixels = ?",
+                                                     (key,)).fetchone()
+        return origin, first_bytes.hex(), label
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def ingest_files(listing: Listing, cfg: DataConfig, writer: DatasetWriter, report: IngestReport,
+                 processes: int | None = None) -> None:
+    """Every file of the listing into the writer or the report (nothing found is lost)."""
+    label_of = {name: k for k, name in enumerate(listing.classes)}
+    files = _read(listing.entries, report)
+    with tempfile.TemporaryDirectory(prefix="genpipe-ingest-") as scratch:
+        seen = SeenImages(Path(scratch))
+        try:
+            for result in decoded(files, cfg, processes or decode_processes()):
+                _place(*result, cfg=cfg, label_of=label_of, seen=seen, writer=writer, report=report)
+        finally:
+            seen.close()
+
+
+def _place(item: FileItem, bytes_sha: str, pixels, pixels_sha: str | None, note: str | None, reason: str | None, *,
+           cfg: DataConfig, label_of: dict[str, int], seen: SeenImages, writer: DatasetWriter,
+           report: IngestReport) -> None:
+    """One decoded file into the dataset, or into the report with why not."""
+    if reason is not None:
+        report.reject(item.origin, reason)
+        return
+    first = seen.first(pixels_sha, bytes_sha, item)
+    if first is not None:
+        first_origin, first_bytes, first_label = first
+        kind = "exact duplicate (same bytes)" if first_bytes == bytes_sha else \
+            "pixel-identical duplicate (same decoded pixels)"
+        conflict = "" if first_label == item.label else f", which is labelled {first_label!r}, not {item.label!r}"
+        report.reject(item.origin, f"{kind} of {first_origin}{conflict}: kept once", duplicate_of=first_origin)
+        return
+    split = split_of(pixels_sha, cfg.test_fraction)
+    if cfg.limit_per_split is not None and writer.count(split) >= cfg.limit_per_split:
+        report.reject(item.origin, f"left out: data.limit_per_split {cfg.limit_per_split} reached in {split}")
+        return
+    record = {"origin": item.origin, "sha256": pixels_sha, "bytes_sha256": bytes_sha}
+    if note is not None:
+        record["note"] = note
+        report.note(item.origin, note)
+    writer.add(split, np.ascontiguousarray(pixels), label_of[item.label], record)
+    report.accepted(split, item.label, pixels)
