@@ -145,3 +145,30 @@ def test_a_messy_archive_loses_nothing(tmp_path, kind):
         assert any(origin.lstrip("./") in r or r in origin for r in rejected_origins), (origin, rejected_origins)
     check_nothing_lost(set(files), tmp_path / "out")
     assert read_manifest(tmp_path / "out")["classes"] == ["a", "b"]
+
+
+def test_the_ingest_stage_logs_its_report_to_mlflow(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from components.config import apply_overrides, read_params_raw
+    from components.params import parse_params
+    from components.pipeline import ingest_stage
+
+    root = tmp_path / "images"
+    for origin, data in corpus_files().items():
+        (root / origin).parent.mkdir(parents=True, exist_ok=True)
+        (root / origin).write_bytes(data)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("GENPIPE_HOME", str(tmp_path / "home"))
+    raw = apply_overrides(read_params_raw(Path(__file__).parents[1] / "params.yaml"), [
+        "data.name=corpus", "data.source=image-folder", f"data.path={root}", "data.image_size=16",
+        "data.resize=false", "data.max_pixels=10000", "data.test_fraction=0.5"])
+    summary = ingest_stage(parse_params(raw), tmp_path / "dataset", tmp_path / "ingest.json")
+
+    c = MlflowClient(tracking_uri=uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("corpus-ingest").experiment_id])
+    assert run.data.metrics["rejected"] == summary["rejected"] > 0
+    assert run.data.params["data.source"] == "image-folder" and run.data.tags["dataset_version"]
+    logged = {a.path for a in c.list_artifacts(run.info.run_id, "report")}
+    assert logged == {"report/report.json", "report/contact_sheet.png", "report/rejected.jsonl"}
