@@ -2,6 +2,8 @@
 components, write outputs atomically. The `genpipe` CLI calls these; so does `dvc repro`."""
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import shutil
@@ -63,19 +65,23 @@ def log_ingest_run(params: Params, data_dir: Path, summary: dict) -> None:
     from components.tracking.runs import client, ensure_experiment
 
     files = [data_dir / name for name in ("report.json", "contact_sheet.png", "rejected.jsonl")]
+    run_id = None
     try:
         c = client()
-        run = c.create_run(ensure_experiment(f"{params.data.name}-ingest"), run_name="ingest",
-                           tags={"dataset_version": dataset_version(data_dir)})
-        c.log_batch(run.info.run_id, params=_params_of(params.data.model_dump(mode="json")))
+        run_id = c.create_run(ensure_experiment(f"{params.data.name}-ingest"), run_name="ingest",
+                              tags={"dataset_version": dataset_version(data_dir)}).info.run_id
+        c.log_batch(run_id, params=_params_of(params.data.model_dump(mode="json")))
         for key, value in summary.items():
-            c.log_metric(run.info.run_id, key, float(value))
+            c.log_metric(run_id, key, float(value))
         for path in files:
             if path.is_file():
-                c.log_artifact(run.info.run_id, str(path), artifact_path="report")
-        c.set_terminated(run.info.run_id)
+                c.log_artifact(run_id, str(path), artifact_path="report")
+        c.set_terminated(run_id)
     except Exception as exc:  # noqa: BLE001 - any tracking failure; the dataset itself is done
         warnings.warn(f"the ingest report was not logged to MLflow ({type(exc).__name__}: {exc}); it is in {data_dir}")
+        if run_id is not None:
+            with contextlib.suppress(Exception):  # not left RUNNING when the server still answers
+                c.set_terminated(run_id, status="FAILED")
 
 
 def _params_of(config: dict, prefix: str = "data.") -> list:
@@ -215,11 +221,12 @@ def inception_stage(params: Params, data_dir: Path, out_dir: Path) -> dict:
     """The Inception features of the held-out reference, once per dataset version (the `inception` stage)."""
     from components.evaluation.inception import write_reference
 
+    off = None if "inception" in params.evaluate.metrics else "off (inception is not in evaluate.metrics)"
     test, _ = load_split(data_dir, "test")
     train, _ = load_split(data_dir, "train")
     with staged_dir(out_dir) as tmp:
         info = write_reference(test, train, params.evaluate.inception, params.evaluate.seed,
-                               dataset_version(data_dir), str(device()), tmp)
+                               dataset_version(data_dir), str(device()), tmp, off=off)
     print(f"inception reference: {info['why']}" + (f", {info['seconds']} s" if info["num_samples"] else ""))
     return info
 
@@ -234,12 +241,16 @@ def inception_reference(params: Params, inception_dir: Path | None, real, versio
         why = "skipped: no reference given (genpipe evaluate --inception artifacts/inception)"
     if why is not None:
         return None, {"num_samples": 0, "why": why}
+    from components.evaluation.features import KID_SUBSETS
     from components.evaluation.inception import read_reference
 
     reference = read_reference(inception_dir, real, version)
     if len(reference) < 2:
         print(f"inception: {reference.info['why']}")
-    return reference, reference.info
+        return reference, reference.info
+    scoring = {"kid_subset_size": params.evaluate.kid_subset_size, "kid_subsets": KID_SUBSETS,
+               "sample_seed": params.evaluate.seed}  # how the samples were drawn and KID's subsets
+    return reference, {**reference.info, "scoring": scoring}
 
 
 def live_weight_scores(model, model_dir: Path, classifier, real, params: Params, kind: str) -> dict:

@@ -133,6 +133,10 @@ def test_an_empty_reference_says_why(tmp_path):
     info = I.write_reference(test, test, cfg, seed=0, dataset_version="v1", device="cpu", out_dir=tmp_path)
     assert info["num_samples"] == 0 and "no GPU" in info["why"] and info["protocol"] is None
     assert len(I.read_reference(tmp_path, test, "v1")) == 0
+    always = InceptionConfig(mode="always", samples=10000, cpu_samples=0)  # but no evaluation asks for it
+    info = I.write_reference(test, test, always, seed=0, dataset_version="v1", device="cpu", out_dir=tmp_path,
+                             off="off (inception is not in evaluate.metrics)")
+    assert info["num_samples"] == 0 and "not in evaluate.metrics" in info["why"]
 
 
 def test_the_metric_scores_a_model_against_the_reference_and_skips_without_one(reference_dir, one_thread):

@@ -20,7 +20,7 @@ from components.data.stream import ingest_files, split_of
 
 def data_cfg(**overrides) -> DataConfig:
     fields = {"name": "t", "source": "image-folder", "path": ".", "image_size": 16, "channels": 1, "resize": False,
-              "test_fraction": 0.5, "limit_per_split": None, "max_pixels": 10_000, "shard_size": 4,
+              "test_fraction": 0.5, "limit_per_split": None, "max_pixels": 10_000, "max_file_bytes": 10**7, "shard_size": 4,
               "follow_symlinks": False, "archive": {"max_members": 1000, "max_bytes": 10_000_000}}
     return DataConfig.model_validate({**fields, **overrides})
 
@@ -191,3 +191,48 @@ def test_the_contact_sheet_shows_each_class(tmp_path):
     assert sheet.height == 3 * (16 + 2)  # one row per class
     assert category("truncated or corrupt: image file is truncated (3 bytes)") == "truncated or corrupt"
     assert category("exact duplicate (same bytes) of a/1.png: kept once") == "exact duplicate"
+
+
+def test_a_decoder_error_costs_its_file_and_a_dead_decode_process_names_its_files(tmp_path, monkeypatch):
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from components.data.sources import DataError
+
+    entries = [item(f"a/{i}.png", encode(noise(i), "PNG")) for i in range(12)]
+    crafted = {entries[1].read(), entries[4].read()}
+
+    def crash_on_crafted(data, cfg):
+        if data in crafted:
+            raise RuntimeError("decoder bug")
+        return real_decode(data, cfg)
+
+    real_decode = stream.decode_image
+    monkeypatch.setattr(stream, "decode_image", crash_on_crafted)
+    folder, _, _ = run(entries, ["a"], tmp_path)
+    crashed = {r["origin"] for r in read_rejected(folder) if r["reason"].startswith("cannot decode: RuntimeError")}
+    assert crashed == {"a/1.png", "a/4.png"} and len(read_items(folder)) == 10
+
+    dead = Future()
+    dead.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+    with pytest.raises(DataError, match="decode process died while decoding 2 files from a/0.png to a/1.png"):
+        list(stream._results(entries[:2], dead))
+
+
+def test_a_source_that_fails_mid_way_stops_the_ingest_and_keeps_the_previous_dataset(tmp_path, monkeypatch):
+    from components.data import ingest as ingest_module
+    from components.data.items import SOURCES, SourceUnavailable
+    from components.data.sources import DataError
+
+    def flaky():
+        raise SourceUnavailable("s3://b/p/a/3.png: read failed (SlowDown) after 3 attempts")
+
+    good = [item(f"a/{i}.png", encode(noise(i), "PNG")) for i in range(6)]
+    listings = iter([Listing(["a"], good), Listing(["a"], good[:3] + [FileItem("a/3.png", "a", flaky)])])
+    monkeypatch.setitem(SOURCES._items, "flaky", lambda cfg: next(listings))
+    out = tmp_path / "dataset"
+    ingest_module.ingest(data_cfg(source="flaky"), out, log=lambda _: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError, match=r"SlowDown.*previous dataset is as it was"):
+        ingest_module.ingest(data_cfg(source="flaky"), out, log=lambda _: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from components.data.items import IMAGE_EXTENSIONS, Listing
-from components.data.pack import DatasetWriter, pack_dataset, staged_dataset, write_summary
+from components.data.items import IMAGE_EXTENSIONS, Listing, SourceUnavailable
+from components.data.pack import REJECTED, DatasetWriter, pack_dataset, staged_dataset, write_summary
 from components.data.sources import SOURCES, DataError, RawDataset
 
 if TYPE_CHECKING:
@@ -25,7 +25,11 @@ def ingest(cfg: DataConfig, out_dir: Path, log: Callable[[str], None] = print) -
     except (OSError, ValueError) as exc:  # the sources' own errors name data.path and what to do
         raise DataError(str(exc)) from None
     if isinstance(source, Listing):
-        return _ingest_files(source, cfg, Path(out_dir), log)
+        try:
+            return _ingest_files(source, cfg, Path(out_dir), log)
+        except SourceUnavailable as exc:
+            raise DataError(f"{exc}; nothing was packed, the previous dataset is as it was: run the ingest "
+                            f"again") from None
     return _ingest_decoded(source, cfg, Path(out_dir), log)
 
 
@@ -49,7 +53,7 @@ def _ingest_files(listing: Listing, cfg: DataConfig, out_dir: Path, log: Callabl
                 raise DataError(f"no valid training images in {cfg.path}; {report.rejected} left out, by reason: "
                                 f"{dict(report.by_reason)}")
             manifest = writer.finish({"name": cfg.name, "source": {"name": cfg.source, **listing.source_info},
-                                      "rejected": "rejected.jsonl",
+                                      "rejected": REJECTED,
                                       "config": cfg.model_dump(mode="json", exclude={"path"})})
         finally:
             writer.close()

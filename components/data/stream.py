@@ -20,6 +20,7 @@ import sqlite3
 import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from components.data.items import FileItem, Listing, Skipped
+from components.data.sources import DataError
 from components.data.validate import ImageRejected, decode_image
 
 if TYPE_CHECKING:
@@ -37,11 +39,20 @@ if TYPE_CHECKING:
 CHUNK = 64  # files per task sent to a decode process
 WINDOW_PER_WORKER = 4  # tasks in flight per process: keeps each busy while bounding memory
 POOL_AFTER = 4 * CHUNK  # files decoded in this process before the pool starts (~0.5 s per process)
+MAX_BYTES_IN_FLIGHT = 256 * 2**20  # file bytes sent to the decode processes and not yet back
 
 
 def decode_processes() -> int:
-    """One decode process per core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """One decode process per core this process may use: the cores it may run on, and no more than
+    its container's CPU quota (cgroup v2 cpu.max), which a pod on a large node is held to."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def split_of(pixels_sha256: str, test_fraction: float) -> str:
@@ -67,6 +78,8 @@ def decode(data: bytes, cfg: DataConfig) -> tuple:
         pixels, note = decode_image(data, cfg)
     except ImageRejected as exc:
         return bytes_sha, None, None, None, exc.reason
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on one crafted file costs that file, not the ingest
+        return bytes_sha, None, None, None, f"cannot decode: {type(exc).__name__}: {exc}"
     return bytes_sha, pixels, hashlib.sha256(pixels.tobytes()).hexdigest(), note, None
 
 
@@ -82,7 +95,7 @@ def _read(entries: Iterable[FileItem | Skipped], report: IngestReport) -> Iterat
             continue
         try:
             data = entry.read()
-        except OSError as exc:
+        except OSError as exc:  # this file alone; SourceUnavailable (the source itself) stops the ingest
             report.reject(entry.origin, f"unreadable: {exc}")
             continue
         yield entry, data
@@ -103,15 +116,27 @@ def decoded(files: Iterator[tuple[FileItem, bytes]], cfg: DataConfig, processes:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_decoder,
                              initargs=(cfg.model_dump_json(),)) as pool:
-        pending: deque = deque()
+        pending: deque = deque()  # (items, future, bytes) per chunk in flight, oldest first
+        in_flight = 0
         for chunk in chunks:
-            pending.append(([item for item, _ in chunk], pool.submit(_decode_chunk, [data for _, data in chunk])))
-            if len(pending) >= processes * WINDOW_PER_WORKER:
-                items, future = pending.popleft()
-                yield from ((item, *result) for item, result in zip(items, future.result()))
+            size = sum(len(data) for _, data in chunk)
+            pending.append(([item for item, _ in chunk], pool.submit(_decode_chunk, [data for _, data in chunk]), size))
+            in_flight += size
+            while pending and (len(pending) >= processes * WINDOW_PER_WORKER or in_flight > MAX_BYTES_IN_FLIGHT):
+                in_flight -= pending[0][2]
+                yield from _results(*pending.popleft()[:2])
         while pending:
-            items, future = pending.popleft()
-            yield from ((item, *result) for item, result in zip(items, future.result()))
+            yield from _results(*pending.popleft()[:2])
+
+
+def _results(items: list[FileItem], future) -> Iterator[tuple]:
+    try:
+        results = future.result()
+    except BrokenProcessPool:  # a decode process died (killed for memory, or a decoder crashed on a file)
+        raise DataError(f"a decode process died while decoding {len(items)} files from {items[0].origin} to "
+                        f"{items[-1].origin}; if it was killed for memory, give the ingest more, else one of "
+                        f"these files crashes the image decoder: remove it") from None
+    return ((item, *result) for item, result in zip(items, results))
 
 
 class SeenImages:
@@ -162,6 +187,10 @@ def _place(item: FileItem, bytes_sha: str, pixels, pixels_sha: str | None, note:
     if reason is not None:
         report.reject(item.origin, reason)
         return
+    split = split_of(pixels_sha, cfg.test_fraction)
+    if cfg.limit_per_split is not None and writer.count(split) >= cfg.limit_per_split:
+        report.reject(item.origin, f"left out: data.limit_per_split {cfg.limit_per_split} reached in {split}")
+        return
     first = seen.first(pixels_sha, bytes_sha, item)
     if first is not None:
         first_origin, first_bytes, first_label = first
@@ -169,10 +198,6 @@ def _place(item: FileItem, bytes_sha: str, pixels, pixels_sha: str | None, note:
             "pixel-identical duplicate (same decoded pixels)"
         conflict = "" if first_label == item.label else f", which is labelled {first_label!r}, not {item.label!r}"
         report.reject(item.origin, f"{kind} of {first_origin}{conflict}: kept once", duplicate_of=first_origin)
-        return
-    split = split_of(pixels_sha, cfg.test_fraction)
-    if cfg.limit_per_split is not None and writer.count(split) >= cfg.limit_per_split:
-        report.reject(item.origin, f"left out: data.limit_per_split {cfg.limit_per_split} reached in {split}")
         return
     record = {"origin": item.origin, "sha256": pixels_sha, "bytes_sha256": bytes_sha}
     if note is not None:

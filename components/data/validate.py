@@ -108,13 +108,14 @@ def decode_image(data: bytes, cfg: DataConfig) -> tuple[np.ndarray, str | None]:
     _check_header(data, cfg.max_pixels)
     note = None
     with _open(io.BytesIO(data)) as img:
-        frames = getattr(img, "n_frames", 1)
-        if frames > 1:
-            note = f"{img.format} of {frames} frames: the first taken"
         try:
+            frames = getattr(img, "n_frames", 1)  # counting them reads every frame: a cut file fails here
+            img.seek(0)
             img.load()
         except Exception as exc:
-            raise ImageRejected(f"truncated or corrupt: {exc}") from None
+            raise ImageRejected(f"truncated or corrupt: {type(exc).__name__}: {exc}") from None
+        if frames > 1:
+            note = f"{img.format} of {frames} frames: the first taken"
         try:
             img = ImageOps.exif_transpose(img)  # the picture as a viewer shows it, before the size rule
             img = _fit(_to_mode(img, cfg.channels), cfg.image_size, cfg.resize)

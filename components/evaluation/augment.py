@@ -4,6 +4,10 @@ and with a conditional model's labelled samples added; both are tested on the he
 A model whose samples carry what the scarce real set lacks raises the accuracy (augment_gain > 0);
 one whose samples are off-class or off-distribution does not. The related measure, which trains
 on samples alone, is the classification accuracy score (Ravuri & Vinyals, 2019; metric `cas`).
+
+The model itself was trained on the whole labelled training split, so its samples may carry what
+the scarce subset lacks: the gain is what a model trained with more data adds to a classifier that
+has little, an upper bound on augmenting from the scarce data alone. One seed, no interval.
 """
 from __future__ import annotations
 

@@ -117,15 +117,16 @@ class InceptionReference:
 
 
 def write_reference(test_u8: torch.Tensor, train_u8: torch.Tensor, cfg: InceptionConfig, seed: int,
-                    dataset_version: str, device: str, out_dir: Path) -> dict:
+                    dataset_version: str, device: str, out_dir: Path, off: str | None = None) -> dict:
     """Features of a seeded subset of the test split (as many as the protocol uses here: all 10,000 of
     Fashion-MNIST's under the published one) and the Inception FID floor (as many training images
-    against them), written to out_dir; with no images, an empty reference that says why."""
+    against them), written to out_dir; with no images (or `off`, why not), an empty reference that
+    says why."""
     from safetensors.torch import save_file
 
     from components.evaluation import features as F
 
-    count, why = sample_count(cfg, device.startswith("cuda"))
+    count, why = (0, off) if off else sample_count(cfg, device.startswith("cuda"))
     count = min(count, test_u8.shape[0])
     pick = torch.randperm(test_u8.shape[0], generator=torch.Generator().manual_seed(seed))[:count].sort().values
     start = time.perf_counter()

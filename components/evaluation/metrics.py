@@ -167,7 +167,9 @@ def inception(ctx: EvalContext) -> dict[str, float]:
 
     device = str(next(ctx.model.parameters()).device)
     fake = inception_features(evaluation_images(ctx.model, ctx.kind, ref.images, ctx.seed), device)  # (N, 2048)
-    mean, std = F.kid(ref.features, fake, ctx.kid_subset_size)
+    with torch.random.fork_rng(devices=[]):  # KID's subsets from the seed alone, whatever metrics ran before
+        torch.manual_seed(ctx.seed)
+        mean, std = F.kid(ref.features, fake, ctx.kid_subset_size)
     out = {"inception_fid": F.fid(ref.features, fake), "inception_kid": mean, "inception_kid_std": std}
     if "inception_fid_floor" in ref.info:
         out["inception_fid_floor"] = ref.info["inception_fid_floor"]
