@@ -54,7 +54,7 @@ GENPIPE = textwrap.dedent("""
     from components.config import DataConfig
     from components.data.ingest import ingest
     cfg = DataConfig(name="bench", source="image-folder", path=sys.argv[1], image_size=28, channels=1,
-                     resize=False, test_fraction=0.15, limit_per_split=None, max_pixels=50_000_000,
+                     resize=False, test_fraction=0.15, limit_per_split=None, max_pixels=50_000_000, max_file_bytes=10**8,
                      shard_size=20000, follow_symlinks=False, archive={"max_members": 1, "max_bytes": 1})
     start = time.perf_counter()
     summary = ingest(cfg, sys.argv[2], log=lambda line: None)

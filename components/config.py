@@ -43,6 +43,7 @@ class DataConfig(Frozen):
     test_fraction: float = Field(gt=0, lt=1)
     limit_per_split: int | None = Field(gt=0)
     max_pixels: int = Field(gt=0)
+    max_file_bytes: int = Field(gt=0)  # larger files are refused before they are read
     shard_size: int = Field(gt=0)
     follow_symlinks: bool  # false: symlinks are refused (reported); true: followed, but never out of data.path
     archive: ArchiveLimits

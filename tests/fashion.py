@@ -23,7 +23,7 @@ def _require() -> None:
 @lru_cache(maxsize=None)
 def _splits():
     cfg = DataConfig(name="fashion-mnist", source="fashion-mnist", path=str(ROOT), image_size=28, channels=1,
-                     resize=True, test_fraction=0.15, limit_per_split=None, max_pixels=50_000_000, shard_size=20000,
+                     resize=True, test_fraction=0.15, limit_per_split=None, max_pixels=50_000_000, max_file_bytes=10**9, shard_size=20000,
                      follow_symlinks=False, archive={"max_members": 1000, "max_bytes": 10**8})
     return fashion_mnist(cfg).splits
 

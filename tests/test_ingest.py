@@ -35,6 +35,7 @@ def data_cfg(path, **overrides) -> DataConfig:
         "test_fraction": 0.3,
         "limit_per_split": None,
         "max_pixels": 10_000,
+        "max_file_bytes": 10_000_000,
         "shard_size": 4,
         "follow_symlinks": False,
         "archive": {"max_members": 1000, "max_bytes": 10_000_000},

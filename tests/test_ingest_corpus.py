@@ -21,6 +21,7 @@ from components.data.pack import read_items, read_manifest, read_rejected
 def data_cfg(source: str, path: Path, **overrides) -> DataConfig:
     fields = {"name": "corpus", "source": source, "path": str(path), "image_size": 16, "channels": 1,
               "resize": False, "test_fraction": 0.5, "limit_per_split": None, "max_pixels": 10_000,
+        "max_file_bytes": 10_000_000,
               "shard_size": 5, "follow_symlinks": False,
               "archive": {"max_members": 1000, "max_bytes": 2_000_000}}
     return DataConfig.model_validate({**fields, **overrides})

@@ -101,7 +101,7 @@ def pack_toy_dataset(out: Path) -> Path:
         images = rng.integers(0, 256, (n, 1, 28, 28)).astype(np.uint8)
         splits[split] = Split(images, np.arange(n) % 10, [f"{split}#{i}" for i in range(n)])
     cfg = DataConfig(name="toy", source="fashion-mnist", path=".", image_size=28, channels=1, resize=False,
-                     test_fraction=0.4, limit_per_split=None, max_pixels=50_000_000, shard_size=1000,
+                     test_fraction=0.4, limit_per_split=None, max_pixels=50_000_000, max_file_bytes=10**9, shard_size=1000,
                      follow_symlinks=False, archive={"max_members": 1000, "max_bytes": 10**8})
     pack_dataset(RawDataset(CLASSES, splits), out, cfg, {"source": "toy"})
     return out

@@ -24,7 +24,14 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".
 class FileItem:
     origin: str  # where it came from, relative to data.path: "cat/1.png", "cat/1.png" in an archive, an S3 key
     label: str  # its class: the name of the folder (or prefix) it sits in
-    read: Callable[[], bytes]  # its bytes; may raise OSError (then the file is reported unreadable)
+    read: Callable[[], bytes]  # its bytes; OSError: this file is unreadable (reported); SourceUnavailable: stop
+
+
+class SourceUnavailable(Exception):
+    """A file could not be read for a reason that may pass (a network error, a throttled store): the
+    ingest stops, leaving the previous dataset in place, rather than pack a dataset without it; a
+    rerun (Prefect's retry, the next schedule) reads it. A FileItem.read raises this; an OSError
+    instead means this one file is unreadable, and it is reported."""
 
 
 @dataclass(frozen=True)
