@@ -190,7 +190,7 @@ def _summary(version: Version, kind: str) -> Section:
     tags = version.tags
     rows = [("aliases", ", ".join(version.aliases) or "none"), ("task kind", kind)]
     rows += [(k.removeprefix("metric."), _number(v)) for k, v in sorted(tags.items()) if k.startswith("metric.")]
-    rows += [("metrics_stale", tags["metrics_stale"])] if "metrics_stale" in tags else []  # stale_scores.py
+    rows += [(tag, tags[tag]) for tag in ("metrics_stale", "inception_stale") if tag in tags]  # stale_scores.py
     rows += [(k, v) for k, v in sorted(tags.items()) if k.startswith("promotion.")]
     rows += [(k, tags[k]) for k in ("dataset_version", "model_md5", "evaluator_md5", "params_hash", "git_commit",
                                     "training_run_id", "protocol_key", "inception_protocol") if k in tags]
