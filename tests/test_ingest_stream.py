@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
 
 
 def item(origin: str, data: bytes) -> FileItem:
-    return FileItem(origin, origin.split("/")[0], lambda: data)
+    return FileItem(origin, origin.split("/")[0], partial(bytes, data))  # picklable, as decode processes need
 
 
 def run(entries: list, classes: list[str], tmp_path, cfg: DataConfig | None = None, processes: int = 1):
@@ -147,29 +148,28 @@ def test_the_dataset_is_the_same_whatever_the_number_of_decode_processes(tmp_pat
         assert (one / shard).read_bytes() == (two / shard).read_bytes()
 
 
-def test_files_are_read_as_they_are_packed_not_all_first(tmp_path, monkeypatch):
-    """Streaming: by the time the first shard is written, only a bounded number of files were read."""
-    read = []
+def test_files_are_taken_from_the_source_as_they_are_packed_not_all_first(tmp_path, monkeypatch):
+    """Streaming: by the time the first shard is written, only a bounded number of files were taken."""
+    taken = []
 
-    def reader(i, data):
-        def read_bytes():
-            read.append(i)
-            return data
-        return read_bytes
+    def source():
+        for i in range(600):
+            taken.append(i)
+            yield item(f"a/{i}.png", encode(noise(i), "PNG"))
 
-    entries = [FileItem(f"a/{i}.png", "a", reader(i, encode(noise(i), "PNG"))) for i in range(600)]
     seen_at_first_shard = []
     original = DatasetWriter._flush
 
     def flush(self, split):
         if self.buffers[split] and not seen_at_first_shard:
-            seen_at_first_shard.append(len(read))
+            seen_at_first_shard.append(len(taken))
         original(self, split)
 
     monkeypatch.setattr(DatasetWriter, "_flush", flush)
-    run(entries, ["a"], tmp_path, cfg=data_cfg(shard_size=50))
-    assert len(read) == 600
-    assert seen_at_first_shard[0] <= 50 * 2 + stream.CHUNK  # about two shards' worth, not all 600
+    folder, manifest, _ = run(source(), ["a"], tmp_path, cfg=data_cfg(shard_size=50), processes=2)
+    assert len(taken) == 600 and len(read_items(folder)) == 600
+    # About two shards' worth and the decode window, not all 600.
+    assert seen_at_first_shard[0] <= 2 * 50 + stream.POOL_AFTER + 2 * stream.WINDOW_PER_WORKER * stream.CHUNK
 
 
 def test_limit_per_split_leaves_the_rest_out_with_a_reason(tmp_path):

@@ -1,11 +1,13 @@
 """The folder walk and the archive source: every file found is a FileItem or a Skipped with its reason."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
 import stat
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 from components.config import ArchiveLimits, DataConfig
 from components.data.archive import walk_archive
 from components.data.files import walk_folder
-from components.data.items import FileItem, Skipped
+from components.data.items import EMPTY_CLASS, NOT_UTF8, FileItem, Skipped, too_large
 from components.data.sources import SOURCES
 
 
@@ -41,9 +43,13 @@ def assert_reasons(skipped: dict[str, str], expected: dict[str, str]) -> None:
 
 def data_cfg(path: Path, source: str, **overrides) -> DataConfig:
     fields = {"name": "t", "source": source, "path": str(path), "image_size": 16, "channels": 1, "resize": False,
-              "test_fraction": 0.5, "limit_per_split": None, "max_pixels": 10_000, "shard_size": 4,
+              "test_fraction": 0.5, "limit_per_split": None, "max_pixels": 10_000, "max_file_bytes": 10**7,
+              "shard_size": 4,
               "follow_symlinks": False, "archive": {"max_members": 1000, "max_bytes": 1_000_000}}
     return DataConfig.model_validate({**fields, **overrides})
+
+
+CAP = 10**7  # data.max_file_bytes where a test is not about it
 
 
 def limits(max_members: int = 1000, max_bytes: int = 1_000_000) -> ArchiveLimits:
@@ -75,14 +81,14 @@ def tree(tmp_path) -> Path:
 FOLDER_REFUSALS = {
     "cat/notes.txt": "unsupported extension '.txt'", "only_txt/readme.txt": "unsupported extension",
     "cat/.hidden.png": "hidden", "cat/.git": "hidden", ".cache": "hidden",
-    "cat/x.png": "folder named like an image", "pic.png": "folder named like an image",
+    "cat/x.png": "a folder (or prefix) named like an image", "pic.png": "a folder (or prefix) named like an image",
     "cat/fifo.png": "not a regular file", "top.png": "not inside a class folder",
     "empty": "empty class folder", "only_txt": "empty class folder",
 }
 
 
 def test_folder_reports_every_odd_file_and_refuses_links(tree):
-    listing = walk_folder(tree, follow_symlinks=False)
+    listing = walk_folder(tree, follow_symlinks=False, max_file_bytes=CAP)
     items, skipped = split(listing)
     assert {o: i.label for o, i in items.items()} == {"cat/1.png": "cat", "cat/2.JPG": "cat",
                                                       "cat/sub/4.png": "cat", "dog/5.png": "dog"}
@@ -94,7 +100,7 @@ def test_folder_reports_every_odd_file_and_refuses_links(tree):
 
 
 def test_folder_follows_links_inside_root_only_and_never_loops(tree):
-    listing = walk_folder(tree, follow_symlinks=True)
+    listing = walk_folder(tree, follow_symlinks=True, max_file_bytes=CAP)
     items, skipped = split(listing)
     assert set(items) == {"cat/1.png", "cat/2.JPG", "cat/sub/4.png", "dog/5.png", "cat/in.png"}
     assert items["cat/in.png"].label == "cat" and items["cat/in.png"].read() == b"five"
@@ -115,22 +121,71 @@ def test_folder_order_is_fixed_mixes_classes_and_replays(tmp_path):
         path = tmp_path / f"c{k % 3}" / f"{k}.png"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(bytes([k]))
-    listing = walk_folder(tmp_path, follow_symlinks=False)
+    listing = walk_folder(tmp_path, follow_symlinks=False, max_file_bytes=CAP)
     origins = [e.origin for e in listing.entries]
     assert origins == sorted(origins, key=lambda o: hashlib.sha256(o.encode()).digest())
     assert {o.split("/")[0] for o in origins[:6]} == {"c0", "c1", "c2"}
-    assert summary(listing) == summary(listing) == summary(walk_folder(tmp_path, follow_symlinks=False))
+    again = walk_folder(tmp_path, follow_symlinks=False, max_file_bytes=CAP)
+    assert summary(listing) == summary(listing) == summary(again)
 
 
 def test_folder_errors_and_no_classes(tmp_path):
     with pytest.raises(FileNotFoundError, match="set data.path"):
-        walk_folder(tmp_path / "missing", follow_symlinks=False)
+        walk_folder(tmp_path / "missing", follow_symlinks=False, max_file_bytes=CAP)
     (tmp_path / "f.png").write_bytes(b"")
     with pytest.raises(NotADirectoryError, match="data.source: archive"):
-        walk_folder(tmp_path / "f.png", follow_symlinks=False)
-    listing = walk_folder(tmp_path, follow_symlinks=False)
+        walk_folder(tmp_path / "f.png", follow_symlinks=False, max_file_bytes=CAP)
+    listing = walk_folder(tmp_path, follow_symlinks=False, max_file_bytes=CAP)
     assert listing.classes == []  # the ingest turns this into its error
     assert_reasons(split(listing)[1], {"f.png": "not inside a class folder"})
+
+
+def test_names_not_utf8_are_reported_printably_never_listed(tmp_path):
+    root = os.fsencode(tmp_path)
+    for name in (b"cat/ok.png", b"cat/caf\xe9.png", b"caf\xe9/1.png", b"dog/\xff.txt"):
+        os.makedirs(os.path.dirname(root + b"/" + name), exist_ok=True)
+        Path(os.fsdecode(root + b"/" + name)).write_bytes(b"x")
+    listing = walk_folder(tmp_path, follow_symlinks=False, max_file_bytes=CAP)
+    items, skipped = split(listing)
+    assert set(items) == {"cat/ok.png"}
+    assert skipped == {"cat/caf\\xe9.png": NOT_UTF8, "caf\\xe9": NOT_UTF8, "dog/\\xff.txt": NOT_UTF8,
+                       "dog": "empty class folder (or prefix), no candidate image: left out of the class list"}
+    assert listing.classes == ["cat"]
+
+
+def test_files_larger_than_max_file_bytes_are_refused_before_reading(tmp_path):
+    for origin, size in {"cat/small.png": 5, "cat/large.png": 6, "dog/huge.png": 9}.items():
+        (tmp_path / origin).parent.mkdir(exist_ok=True)
+        (tmp_path / origin).write_bytes(b"x" * size)
+    os.symlink("../cat/large.png", tmp_path / "dog" / "link.png")
+    listing = walk_folder(tmp_path, follow_symlinks=True, max_file_bytes=5)
+    items, skipped = split(listing)
+    assert set(items) == {"cat/small.png"}
+    assert skipped == {"cat/large.png": too_large(5, 6), "dog/huge.png": too_large(5, 9),
+                       "dog/link.png": too_large(5, 6), "dog": EMPTY_CLASS}
+    assert "larger than data.max_file_bytes 5 (6 bytes): left out" in skipped["cat/large.png"]
+    assert listing.classes == ["cat"]
+
+
+def test_a_file_swapped_after_the_walk_is_read_safely(tmp_path):
+    for origin in ("cat/1.png", "cat/2.png", "cat/3.png", "cat/4.png", "dog/5.png"):
+        (tmp_path / origin).parent.mkdir(exist_ok=True)
+        (tmp_path / origin).write_bytes(origin.encode())
+    items = split(walk_folder(tmp_path, follow_symlinks=False, max_file_bytes=100))[0]
+    followed = split(walk_folder(tmp_path, follow_symlinks=True, max_file_bytes=100))[0]
+    (tmp_path / "cat/1.png").unlink()
+    os.symlink("../dog/5.png", tmp_path / "cat/1.png")  # after the walk: a link where a file was
+    (tmp_path / "cat/2.png").unlink()
+    os.mkfifo(tmp_path / "cat/2.png")  # a fifo: reading it would block
+    (tmp_path / "cat/3.png").write_bytes(b"x" * 101)  # grown past the cap
+    (tmp_path / "cat/4.png").unlink()
+    for origin, words in {"cat/1.png": "replaced by a symlink since the walk: not followed",
+                          "cat/2.png": "no longer a regular file", "cat/3.png": "grew since the walk past data.max_file_bytes 100",
+                          "cat/4.png": "No such file or directory"}.items():
+        with pytest.raises(OSError, match=words) as err:
+            items[origin].read()
+        assert str(tmp_path) not in str(err.value)  # no path of this machine in the report
+    assert followed["cat/1.png"].read() == b"dog/5.png"  # data.follow_symlinks: true follows it (inside data.path)
 
 
 def test_registered_sources_read_the_config(tree, tmp_path):
@@ -173,7 +228,7 @@ def test_zip_slip_names_links_and_encrypted_members_are_refused(tmp_path):
         archive.writestr(link, "1.png")
         archive.writestr("dog/secret.png", b"s")
     patch_headers(path, "dog/secret.png", 6, 8, b"\x01\x00")  # general purpose flags: encrypted
-    listing = walk_archive(path, limits())
+    listing = walk_archive(path, limits(), max_file_bytes=CAP)
     items, skipped = split(listing)
     assert {o: i.read() for o, i in items.items()} == {"cat/1.png": b"1", "dog/2.png": b"2"}
     unsafe = {"../evil.png": "a '..' component", "/abs.png": "an absolute path", "C:/win.png": "a drive letter",
@@ -192,7 +247,7 @@ def test_tar_refuses_unsafe_names_links_and_devices(tmp_path):
         tar_member("cat/etc.png", kind=tarfile.SYMTYPE, link="/etc/passwd"),
         tar_member("cat/dev.png", kind=tarfile.CHRTYPE), tar_member("cat/fifo.png", kind=tarfile.FIFOTYPE),
         tar_member("dog/2.png", b"2")])
-    listing = walk_archive(path, limits())
+    listing = walk_archive(path, limits(), max_file_bytes=CAP)
     items, skipped = split(listing)
     assert {o: i.read() for o, i in items.items()} == {"cat/1.png": b"1", "dog/2.png": b"2"}
     assert_reasons(skipped, {
@@ -229,14 +284,15 @@ def test_archive_of_a_folder_reads_its_subfolders_as_classes(class_folders, tmp_
     else:
         with tarfile.open(path, "w:gz" if fmt == "tgz" else "w") as archive:
             archive.add(class_folders, "data")
-    listing = walk_archive(path, limits())
+    listing = walk_archive(path, limits(), max_file_bytes=CAP)
     items, skipped = split(listing)
     assert {o: (i.label, i.read()) for o, i in items.items()} == {
         "data/cat/1.png": ("cat", b"cat/1.png"), "data/cat/sub/2.png": ("cat", b"cat/sub/2.png"),
         "data/dog/3.png": ("dog", b"dog/3.png")}
     assert_reasons(skipped, {
         "data/readme.txt": "not inside a class folder", "data/cat/.DS_Store": "hidden",
-        "data/cat/x.png": "a folder named like an image", "data/cat/x.png/4.png": "inside a folder named like an image",
+        "data/cat/x.png": "a folder (or prefix) named like an image",
+        "data/cat/x.png/4.png": "inside a folder (or prefix) named like an image (data/cat/x.png)",
         "data/notes/a.txt": "unsupported extension", "data/notes": "empty class folder",
         "data/empty": "empty class folder"})
     assert listing.classes == ["cat", "dog"]
@@ -246,14 +302,15 @@ def test_archive_of_a_folder_reads_its_subfolders_as_classes(class_folders, tmp_
 def test_archive_without_a_wrapper(class_folders, tmp_path):
     with tarfile.open(tmp_path / "dot.tar", "w") as archive:
         archive.add(class_folders, ".")  # as `tar cf dot.tar -C data .` makes it: "./cat/1.png", ...
-    listing = walk_archive(tmp_path / "dot.tar", limits())
+    listing = walk_archive(tmp_path / "dot.tar", limits(), max_file_bytes=CAP)
     assert listing.classes == ["cat", "dog"]
     assert {o: i.label for o, i in split(listing)[0].items()} == {"cat/1.png": "cat", "cat/sub/2.png": "cat",
                                                                   "dog/3.png": "dog"}
-    one_class = walk_archive(write_zip(tmp_path / "one.zip", {"cat/1.png": b"1", "cat/2.png": b"2"}), limits())
+    one_zip = write_zip(tmp_path / "one.zip", {"cat/1.png": b"1", "cat/2.png": b"2"})
+    one_class = walk_archive(one_zip, limits(), max_file_bytes=CAP)
     assert one_class.classes == ["cat"] and {i.label for i in split(one_class)[0].values()} == {"cat"}
     macos = write_zip(tmp_path / "mac.zip", {"d/cat/1.png": b"1", "d/dog/2.png": b"2", "__MACOSX/d/cat/._1.png": b""})
-    listing = walk_archive(macos, limits())
+    listing = walk_archive(macos, limits(), max_file_bytes=CAP)
     assert listing.classes == ["cat", "dog"]  # Finder's hidden AppleDouble files do not hide the wrapper
     assert "hidden" in split(listing)[1]["__MACOSX/d/cat/._1.png"]
 
@@ -264,7 +321,7 @@ def test_bomb_stops_at_the_byte_budget(tmp_path, fmt):
     path = write_zip(tmp_path / "bomb.zip", members) if fmt == "zip" else \
         write_tar(tmp_path / "bomb.tgz", [tar_member(name, data) for name, data in members.items()])
     assert path.stat().st_size < 20_000  # the zeros compress to a few kB
-    items, skipped = split(walk_archive(path, limits(max_bytes=10_000)))
+    items, skipped = split(walk_archive(path, limits(max_bytes=10_000), max_file_bytes=CAP))
     assert set(items) == {"cat/1.png"}
     # past the budget the rest is refused too, whatever its size
     assert_reasons(skipped, {"cat/bomb.png": "data.archive.max_bytes 10000 reached",
@@ -289,25 +346,62 @@ def test_zip_member_lying_about_its_size_is_caught(tmp_path):
     path = write_zip(tmp_path / "forged.zip", {"cat/ok.png": b"ok", "cat/forged.png": b"\0" * 5_000_000})
     patch_headers(path, "cat/forged.png", 22, 24, (10).to_bytes(4, "little"))  # declared size: 10 bytes
     assert zipfile.ZipFile(path).getinfo("cat/forged.png").file_size == 10
-    items, skipped = split(walk_archive(path, limits(max_bytes=1000)))
+    items, skipped = split(walk_archive(path, limits(max_bytes=1000), max_file_bytes=CAP))
     assert set(items) == {"cat/ok.png"}
     assert "unreadable archive member" in skipped["cat/forged.png"] and "CRC" in skipped["cat/forged.png"]
 
 
-def test_member_limit_refuses_the_rest(tmp_path):
+def test_member_limit_stops_the_reading_with_one_report(tmp_path):
     path = write_zip(tmp_path / "many.zip", {f"c{k % 2}/{k}.png": bytes([k]) for k in range(6)})
-    listing = walk_archive(path, limits(max_members=4))
+    listing = walk_archive(path, limits(max_members=4), max_file_bytes=CAP)
     items, skipped = split(listing)
     assert set(items) == {"c0/0.png", "c1/1.png", "c0/2.png", "c1/3.png"}
-    assert_reasons(skipped, {"c0/4.png": "data.archive.max_members 4 reached",
-                             "c1/5.png": "data.archive.max_members 4 reached"})
-    assert listing.source_info["members"] == 6
+    assert skipped == {"many.zip": "members after #4 not read (data.archive.max_members 4): "
+                                   "raise it in params.yaml to read more"}
+    assert listing.source_info["members"] == 4
+
+
+def test_member_limit_bounds_the_work_on_a_hundred_thousand_headers(tmp_path):
+    # 100,000 empty members (51 MB of headers, <1 MB gzipped): only the first max_members + 1 are read.
+    headers = [tarfile.TarInfo(f"cat/{k}.png").tobuf() for k in range(10)]
+    filler = tarfile.TarInfo("cat/filler.png").tobuf()
+    path = tmp_path / "headers.tgz"
+    path.write_bytes(gzip.compress(b"".join(headers) + filler * 99_990 + b"\0" * 1024, compresslevel=1))
+    start = time.monotonic()
+    listing = walk_archive(path, limits(max_members=10), max_file_bytes=CAP)
+    entries = list(listing.entries)
+    assert time.monotonic() - start < 2
+    assert len(entries) == 11 and listing.classes == ["cat"]
+    assert {e.origin for e in entries if isinstance(e, FileItem)} == {f"cat/{k}.png" for k in range(10)}
+    assert entries[-1] == Skipped("headers.tgz", "members after #10 not read (data.archive.max_members 10): "
+                                                 "raise it in params.yaml to read more")
+
+
+def test_tar_member_names_not_utf8_are_reported_printably(tmp_path):
+    members = [tar_member(os.fsdecode(name), b"x") for name in (b"cat/1.png", b"cat/caf\xe9.png", b"caf\xe9/2.png")]
+    path = write_tar(tmp_path / "names.tar", members, mode="w")
+    listing = walk_archive(path, limits(), max_file_bytes=CAP)
+    items, skipped = split(listing)
+    assert set(items) == {"cat/1.png"} and listing.classes == ["cat"]
+    assert skipped == {"cat/caf\\xe9.png": NOT_UTF8, "caf\\xe9/2.png": NOT_UTF8}
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tgz"])
+def test_archive_member_larger_than_max_file_bytes_is_refused_unread(tmp_path, fmt):
+    members = {"cat/large.png": b"x" * 6, "cat/small.png": b"x" * 5, "dog/huge.png": b"x" * 9}
+    path = write_zip(tmp_path / "a.zip", members) if fmt == "zip" else \
+        write_tar(tmp_path / "a.tgz", [tar_member(name, data) for name, data in members.items()])
+    # The byte budget holds only small.png: the larger members, refused unread, do not spend it.
+    listing = walk_archive(path, limits(max_bytes=5), max_file_bytes=5)
+    items, skipped = split(listing)
+    assert {o: i.read() for o, i in items.items()} == {"cat/small.png": b"xxxxx"} and listing.classes == ["cat"]
+    assert skipped == {"cat/large.png": too_large(5, 6), "dog/huge.png": too_large(5, 9), "dog": EMPTY_CLASS}
 
 
 def test_truncated_tar_keeps_what_came_before(tmp_path):
     path = write_tar(tmp_path / "cut.tar.gz", [tar_member(f"cat/{k}.png", os.urandom(4000)) for k in range(8)])
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    items, skipped = split(walk_archive(path, limits()))
+    items, skipped = split(walk_archive(path, limits(), max_file_bytes=CAP))
     assert 1 <= len(items) < 8 and set(items) == {f"cat/{k}.png" for k in range(len(items))}
     assert "unreadable archive member" in skipped[f"cat/{len(items)}.png"]  # the member cut in two
     assert "tar archive damaged after" in skipped["cut.tar.gz"]  # and the rest, once
@@ -315,9 +409,9 @@ def test_truncated_tar_keeps_what_came_before(tmp_path):
 
 def test_archive_errors_name_the_file_and_formats(tmp_path):
     with pytest.raises(FileNotFoundError, match="archive not found"):
-        walk_archive(tmp_path / "missing.zip", limits())
+        walk_archive(tmp_path / "missing.zip", limits(), max_file_bytes=CAP)
     with pytest.raises(IsADirectoryError, match="data.source: image-folder"):
-        walk_archive(tmp_path, limits())
+        walk_archive(tmp_path, limits(), max_file_bytes=CAP)
     (tmp_path / "notes.zip").write_text("not an archive at all")
     with pytest.raises(ValueError, match=r"notes.zip: not a zip or tar archive.*\.tar\.gz"):
-        walk_archive(tmp_path / "notes.zip", limits())
+        walk_archive(tmp_path / "notes.zip", limits(), max_file_bytes=CAP)

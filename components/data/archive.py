@@ -7,9 +7,14 @@ have; each refusal is a Skipped with its reason:
   member is first judged by tarfile's own `data_filter`;
 - links (symbolic or hard), devices, fifos are refused: links in an archive are never followed,
   whatever data.follow_symlinks says (it applies to folders);
-- past data.archive.max_members members, and once the images read pass data.archive.max_bytes
-  (uncompressed), the rest is refused. A member is read only up to the size its header declares
-  (+ 1 byte, to catch a header that lies), so a bomb never takes more memory than the budget.
+- names that are not valid UTF-8 (a tar may hold any bytes) are refused;
+- an image whose header declares more than data.max_file_bytes is refused unread;
+- once the images read pass data.archive.max_bytes (uncompressed, by their declared sizes), the
+  rest is refused; past data.archive.max_members members the archive is not read further (one
+  Skipped says so), so a million empty headers cost no more than max_members of them.
+A member is read only up to the size its header declares, so a bomb never takes more memory than
+the budget: a zip member whose header lies about its size fails zip's CRC check at the end of those
+bytes, and a tar member's stream ends where its header says.
 
 Classes: the first folder of a member's path, as in a folder. An archive made of the folder itself
 (`zip -r data.zip data`, `tar czf data.tgz data`) holds everything under one top folder; when every
@@ -39,9 +44,9 @@ from functools import cached_property, lru_cache, partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, Iterator
 
-from components.data.files import EMPTY_CLASS, HIDDEN, IMAGE_NAMED_FOLDER, NOT_IN_CLASS, Replayable
-from components.data.items import (FileItem, Listing, Skipped, has_image_extension, is_hidden,
-                                   unsupported_extension)
+from components.data.items import (EMPTY_CLASS, HIDDEN, IMAGE_NAMED_FOLDER, NOT_IN_CLASS, NOT_UTF8, FileItem,
+                                   Listing, Replayable, Skipped, has_image_extension, inside_image_named_folder,
+                                   is_hidden, is_utf8, printable, too_large, unsupported_extension)
 
 if TYPE_CHECKING:
     from components.config import ArchiveLimits
@@ -191,13 +196,14 @@ def _refusal(member: Member, rel: tuple[str, ...], outside: bool) -> str | None:
     parts = member.parts  # with the wrapper, which is never named like an image
     for depth, part in enumerate(parts[:-1]):
         if _named_like_image(part):
-            return (f"inside a folder named like an image ({'/'.join(parts[:depth + 1])}): left out; "
-                    f"rename the folder to include it")
+            return inside_image_named_folder("/".join(parts[:depth + 1]))
     return None if has_image_extension(rel[-1]) else unsupported_extension(member.name)
 
 
 def _judge(member: Member, wrapper: str | None) -> _Verdict:
     """What the policy says of one member, given the archive's wrapper folder (None: none)."""
+    if not is_utf8(member.name):
+        return _Verdict(printable(member.name), reason=NOT_UTF8)
     refusal = member.problem or _unsafe_name(member.name)  # the format's own judgement first
     if refusal is not None:
         return _Verdict(member.name, reason=refusal)
@@ -213,25 +219,30 @@ def _judge(member: Member, wrapper: str | None) -> _Verdict:
     return _Verdict(origin, label, reason, None if outside else _class_folder(rel, member.kind))
 
 
-class _Bounds:
-    """data.archive's limits, spent member by member in archive order."""
+def _members_not_read(max_members: int) -> str:
+    return (f"members after #{max_members} not read (data.archive.max_members {max_members}): "
+            f"raise it in params.yaml to read more")
 
-    def __init__(self, limits: ArchiveLimits):
+
+class _Bounds:
+    """data.archive's limits and data.max_file_bytes, spent member by member in archive order."""
+
+    def __init__(self, limits: ArchiveLimits, max_file_bytes: int):
         self.limits = limits
+        self.max_file_bytes = max_file_bytes
         self.members = 0
         self.bytes_left = limits.max_bytes
         self.full = False  # once the byte budget is passed, every later image is refused too
 
-    def count(self) -> str | None:
-        """Count one more member; the refusal once past the member limit."""
+    def past_members(self) -> bool:
+        """Count one more member; True once past the member limit: read no further."""
         self.members += 1
-        if self.members <= self.limits.max_members:
-            return None
-        return (f"archive member limit data.archive.max_members {self.limits.max_members} reached: "
-                f"raise it in params.yaml to take more")
+        return self.members > self.limits.max_members
 
     def take(self, size: int) -> str | None:
-        """Spend `size` bytes; the refusal if they pass the budget."""
+        """Spend `size` bytes on one image; the refusal if it is too large or passes the budget."""
+        if size > self.max_file_bytes:
+            return too_large(self.max_file_bytes, size)
         if self.full or size > self.bytes_left:
             self.full = True
             return (f"archive byte limit data.archive.max_bytes {self.limits.max_bytes} reached "
@@ -244,16 +255,17 @@ class _Bounds:
 
 @dataclass
 class _Survey:
-    members: int
+    members: int  # read, at most data.archive.max_members
     wrapper: str | None
     classes: list[str]  # folders holding at least one candidate image within the limits
     empty: list[str]  # origins of class folders without one
 
 
 def _top_folder(member: Member) -> str | None:
-    """The first part of a member's path; None for an unsafe name."""
+    """The first part of a member's path; None for an unsafe or non-UTF-8 name."""
     parts = member.parts
-    return parts[0] if parts and member.problem is None and _unsafe_name(member.name) is None else None
+    safe = member.problem is None and is_utf8(member.name) and _unsafe_name(member.name) is None
+    return parts[0] if parts and safe else None
 
 
 def _keeps_wrapper(member: Member, wrapper: str) -> bool:
@@ -267,11 +279,11 @@ def _keeps_wrapper(member: Member, wrapper: str) -> bool:
     return len(parts) > 2 or not has_image_extension(parts[1])  # no image directly in the wrapper
 
 
-def _survey(fmt: _Format, path: Path, limits: ArchiveLimits) -> _Survey:
+def _survey(fmt: _Format, path: Path, limits: ArchiveLimits, max_file_bytes: int) -> _Survey:
     # Each member is judged both without a wrapper and with its own top folder as the wrapper: when
     # a wrapper holds, both judge the same members candidates (only the class differs), so one pass
     # over the headers tells the classes under either reading.
-    bounds = _Bounds(limits)
+    bounds = _Bounds(limits, max_file_bytes)
     count, wrapper, wrapped = 0, None, True
     plain_seen: set[str] = set()
     plain_classes: set[str] = set()
@@ -282,9 +294,9 @@ def _survey(fmt: _Format, path: Path, limits: ArchiveLimits) -> _Survey:
             if count == 0:
                 raise ValueError(f"{path}: cannot read the {fmt.name} archive: {member.reason}")
             break
+        if bounds.past_members():
+            break
         count += 1
-        if bounds.count() is not None:
-            continue
         top = _top_folder(member)
         if wrapper is None and member.kind != "folder" and top is not None and not member.hidden:
             wrapper = top  # the only candidate: the top folder of the first member that counts
@@ -315,29 +327,24 @@ def _read(member: Member, verdict: _Verdict, bounds: _Bounds) -> FileItem | Skip
         return Skipped(verdict.origin, refusal)
     try:
         with member.open() as stream:
-            data = stream.read(member.size + 1)  # never more than the header declared, + 1 to catch a lie
+            data = stream.read(member.size)  # never more than the header declares (see the module's docstring)
     except _READ_ERRORS as exc:
         return Skipped(verdict.origin, f"unreadable archive member ({exc}): left out")
-    if len(data) > member.size:
-        bounds.full = True
-        return Skipped(verdict.origin, f"holds more than the {member.size} bytes its header declares "
-                                       f"(a forged header, as in a zip bomb): refused")
     return FileItem(verdict.origin, verdict.label, partial(bytes, data))
 
 
-def _entries(fmt: _Format, path: Path, limits: ArchiveLimits, survey: _Survey) -> Iterator[FileItem | Skipped]:
+def _entries(fmt: _Format, path: Path, limits: ArchiveLimits, max_file_bytes: int,
+             survey: _Survey) -> Iterator[FileItem | Skipped]:
     # Budgets are spent by declared sizes as in the survey, so every image found here has its class
     # in the survey's class list (one the survey counted may still end up empty: a member unreadable).
-    bounds = _Bounds(limits)
+    bounds = _Bounds(limits, max_file_bytes)
     for member in _members(fmt, path):
         if isinstance(member, Skipped):
             yield member
             break
-        refusal = bounds.count()
-        if refusal is not None:
-            if member.kind != "folder":
-                yield Skipped(member.name, refusal)
-            continue
+        if bounds.past_members():
+            yield Skipped(path.name, _members_not_read(limits.max_members))
+            break
         verdict = _judge(member, survey.wrapper)
         if verdict.reason is not None:
             yield Skipped(verdict.origin, verdict.reason)
@@ -355,9 +362,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def walk_archive(path: Path, limits: ArchiveLimits) -> Listing:
-    """Every member of the archive, in archive order, as a FileItem (a candidate image in a class
-    folder, its bytes already read) or a Skipped with its reason; then the empty class folders."""
+def walk_archive(path: Path, limits: ArchiveLimits, *, max_file_bytes: int) -> Listing:
+    """The archive's first data.archive.max_members members, in archive order, each a FileItem (a
+    candidate image in a class folder, its bytes already read) or a Skipped with its reason; one
+    Skipped for the members not read past them; then the empty class folders."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: archive not found; set data.path in params.yaml to a {FORMATS} file")
     if path.is_dir():
@@ -367,7 +375,7 @@ def walk_archive(path: Path, limits: ArchiveLimits) -> Listing:
     if fmt is None:
         raise ValueError(f"{path}: not a zip or tar archive; the archive source reads {FORMATS} "
                          f"(recognised by content, not by name)")
-    survey = _survey(fmt, path, limits)
+    survey = _survey(fmt, path, limits, max_file_bytes)
     return Listing(classes=survey.classes,
-                   entries=Replayable(lambda: _entries(fmt, path, limits, survey)),
+                   entries=Replayable(lambda: _entries(fmt, path, limits, max_file_bytes, survey)),
                    source_info={"archive": path.name, "sha256": _sha256(path), "members": survey.members})

@@ -4,53 +4,57 @@ The walk applies the one policy for odd files, each refusal a Skipped with its r
 symlinks are refused unless data.follow_symlinks (and then never followed out of data.path, and
 no folder is walked twice, so a link loop ends); hidden files and folders, folders named like
 images, files outside a class folder, unsupported extensions and special files (fifos, sockets,
-devices) are reported and left out; a class folder without a single candidate image is reported
-and left out of the class list. Only names are looked at here: files are read later, lazily.
+devices), names that are not valid UTF-8 and files larger than data.max_file_bytes are reported
+and left out; a class folder without a single candidate image is reported and left out of the
+class list. Only names, and the size of each candidate image, are looked at here: files are read
+later, lazily, without following a link unless data.follow_symlinks (read_file).
 """
 from __future__ import annotations
 
-import hashlib
+import errno
 import os
+import stat
 from collections import deque
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
-from components.data.items import FileItem, Listing, Skipped, has_image_extension, unsupported_extension
-
-# Reasons shared with the archive source, so a report reads the same whatever the source.
-HIDDEN = "hidden (a name starts with '.'): left out; rename it without the dot to include it"
-NOT_IN_CLASS = "not inside a class folder: move it into the folder of its class"
-IMAGE_NAMED_FOLDER = "a folder named like an image: left out, with all it holds; rename it to include it"
-EMPTY_CLASS = "empty class folder (no candidate image): left out of the class list"
-SPECIAL_FILE = "not a regular file (a fifo, socket or device): left out"
-SYMLINK_REFUSED = "symlink, refused: set data.follow_symlinks: true to follow links inside data.path"
+from components.data.items import (EMPTY_CLASS, HIDDEN, IMAGE_NAMED_FOLDER, NOT_IN_CLASS, NOT_UTF8, SPECIAL_FILE,
+                                   SYMLINK_REFUSED, FileItem, Listing, Replayable, Skipped, has_image_extension,
+                                   is_utf8, origin_order, printable, too_large, unsupported_extension)
 
 
-class Replayable:
-    """Entries made afresh by `make` on each iteration, so a listing can be walked more than once."""
-
-    def __init__(self, make: Callable[[], Iterator[FileItem | Skipped]]):
-        self._make = make
-
-    def __iter__(self) -> Iterator[FileItem | Skipped]:
-        return self._make()
-
-
-def origin_order(origin: str) -> bytes:
-    # Files are listed in an order fixed by their origin's hash rather than class by class, so a
-    # limit_per_split subset (or any prefix of a split) mixes all classes.
-    return hashlib.sha256(origin.encode()).digest()
+def read_file(path: Path, max_file_bytes: int, follow_symlinks: bool) -> bytes:
+    """A found file's bytes. OSError, its message without this machine's paths, when it cannot be
+    read, is no longer a regular file, or grew past max_file_bytes since the walk."""
+    # O_NOFOLLOW: a file swapped for a link after the walk is not followed (ELOOP); O_NONBLOCK: one
+    # swapped for a fifo does not hang the open (regular files ignore the flag).
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise OSError(exc.errno, "replaced by a symlink since the walk: not followed "
+                                     "(data.follow_symlinks is false)") from None
+        raise OSError(exc.errno, exc.strerror) from None
+    with open(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"no longer a regular file since the walk: {SPECIAL_FILE}")
+        data = stream.read(max_file_bytes + 1)
+    if len(data) > max_file_bytes:
+        raise OSError(errno.EFBIG, f"grew since the walk past data.max_file_bytes {max_file_bytes}: left out")
+    return data
 
 
 class _FolderWalk:
     """Walks the real folders first and the links after, so a folder reached both ways is walked
     (and its files classed) where it really lies, and a link to it is reported."""
 
-    def __init__(self, root: Path, follow_symlinks: bool):
+    def __init__(self, root: Path, follow_symlinks: bool, max_file_bytes: int):
         self.root = root
         self.real_root = root.resolve()
         self.follow_symlinks = follow_symlinks
+        self.max_file_bytes = max_file_bytes
         self.skipped: list[Skipped] = []
         self.found: list[str] = []  # origins of candidate images: only strings, so a million stay small
         self.walked = {self.real_root: "data.path itself"}  # real path of every folder walked -> its origin
@@ -79,7 +83,9 @@ class _FolderWalk:
         subfolders = []
         for entry in entries:
             origin = entry.name if folder == "." else f"{folder}/{entry.name}"
-            if entry.name.startswith("."):
+            if not is_utf8(entry.name):  # its origin could not be written to the manifest
+                self.skip(printable(origin), NOT_UTF8)
+            elif entry.name.startswith("."):
                 self.skip(origin, HIDDEN)
             elif entry.is_symlink():
                 if self.follow_symlinks:
@@ -90,7 +96,7 @@ class _FolderWalk:
                 if self.enter(origin, real / entry.name):
                     subfolders.append((origin, real / entry.name))
             elif entry.is_file(follow_symlinks=False):
-                self.file(origin)
+                self.file(origin, lambda: entry.stat(follow_symlinks=False).st_size)
             else:
                 self.skip(origin, SPECIAL_FILE)
         self.folders.extend(reversed(subfolders))  # walk sub-folders in name order
@@ -99,13 +105,13 @@ class _FolderWalk:
         target = Path(os.path.realpath(path))
         if not target.is_relative_to(self.real_root):
             written = os.readlink(path)
-            shown = "an absolute path" if os.path.isabs(written) else written
+            shown = "an absolute path" if os.path.isabs(written) else printable(written)
             self.skip(origin, f"symlink pointing outside data.path ({shown}), refused")
         elif target.is_dir():
             if self.enter(origin, target):
                 self.folders.append((origin, target))
         elif target.is_file():
-            self.file(origin)
+            self.file(origin, lambda: target.stat().st_size)
         elif not target.exists():
             self.skip(origin, "broken symlink (its target is missing, or links loop): left out")
         else:
@@ -124,13 +130,20 @@ class _FolderWalk:
             self.class_folders.append(origin)
         return True
 
-    def file(self, origin: str) -> None:
+    def file(self, origin: str, size: Callable[[], int]) -> None:
+        """A candidate image if it sits in a class folder, is named like one and is not too large;
+        `size` stats it, only then."""
         if "/" not in origin:
-            self.skip(origin, NOT_IN_CLASS)
-        elif has_image_extension(origin):
-            self.found.append(origin)
-        else:
-            self.skip(origin, unsupported_extension(origin))
+            return self.skip(origin, NOT_IN_CLASS)
+        if not has_image_extension(origin):
+            return self.skip(origin, unsupported_extension(origin))
+        try:
+            found_size = size()
+        except OSError as exc:
+            return self.skip(origin, f"unreadable file ({exc.strerror}): left out")
+        if found_size > self.max_file_bytes:
+            return self.skip(origin, too_large(self.max_file_bytes, found_size))
+        self.found.append(origin)
 
     def classes(self) -> list[str]:
         """The class folders holding a candidate image; the others reported."""
@@ -140,13 +153,15 @@ class _FolderWalk:
         return sorted(filled)
 
 
-def _entries(root: Path, skipped: list[Skipped], found: list[str]) -> Iterator[FileItem | Skipped]:
+def _entries(root: Path, skipped: list[Skipped], found: list[str], max_file_bytes: int,
+             follow_symlinks: bool) -> Iterator[FileItem | Skipped]:
     yield from skipped
     for origin in found:
-        yield FileItem(origin, origin.split("/", 1)[0], partial(Path.read_bytes, root / origin))
+        yield FileItem(origin, origin.split("/", 1)[0],
+                       partial(read_file, root / origin, max_file_bytes, follow_symlinks))
 
 
-def walk_folder(root: Path, follow_symlinks: bool) -> Listing:
+def walk_folder(root: Path, follow_symlinks: bool, *, max_file_bytes: int) -> Listing:
     """Every file and folder under root, each a FileItem (a candidate image in a class folder) or a
     Skipped with its reason: refusals first, in walk order, then the files by the hash of their origin.
     No class folder at all gives an empty listing (the ingest says what is expected)."""
@@ -155,9 +170,10 @@ def walk_folder(root: Path, follow_symlinks: bool) -> Listing:
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder; the image-folder source needs a folder with one "
                                  f"sub-folder per class (for a .zip or .tar use data.source: archive)")
-    walk = _FolderWalk(root, follow_symlinks)
+    walk = _FolderWalk(root, follow_symlinks, max_file_bytes)
     walk.walk()
     classes = walk.classes()
     walk.found.sort(key=origin_order)
     skipped, found = walk.skipped, walk.found
-    return Listing(classes=classes, entries=Replayable(lambda: _entries(root, skipped, found)))
+    return Listing(classes=classes,
+                   entries=Replayable(lambda: _entries(root, skipped, found, max_file_bytes, follow_symlinks)))

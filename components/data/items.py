@@ -7,9 +7,11 @@ Decoding, deduplication, the split and packing happen downstream, the same for e
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from components.registry import Registry
 
@@ -24,7 +26,9 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".
 class FileItem:
     origin: str  # where it came from, relative to data.path: "cat/1.png", "cat/1.png" in an archive, an S3 key
     label: str  # its class: the name of the folder (or prefix) it sits in
-    read: Callable[[], bytes]  # its bytes; OSError: this file is unreadable (reported); SourceUnavailable: stop
+    # Its bytes. Picklable (a module-level function, or a functools.partial of one): the decode
+    # processes call it. OSError: this file is unreadable (reported); SourceUnavailable: stop.
+    read: Callable[[], bytes]
 
 
 class SourceUnavailable(Exception):
@@ -38,6 +42,56 @@ class SourceUnavailable(Exception):
 class Skipped:
     origin: str
     reason: str  # in words meant for the report: what it is and what to do
+
+
+# Reasons every file source gives, so a report reads the same whatever the source.
+HIDDEN = "hidden (a name starts with '.'): left out; rename it without the dot to include it"
+NOT_IN_CLASS = "not inside a class folder (or prefix): move it into the folder of its class"
+IMAGE_NAMED_FOLDER = ("a folder (or prefix) named like an image: left out, with all it holds; "
+                      "rename it to include it")
+EMPTY_CLASS = "empty class folder (or prefix), no candidate image: left out of the class list"
+SPECIAL_FILE = "not a regular file (a fifo, socket or device): left out"
+SYMLINK_REFUSED = "symlink, refused: set data.follow_symlinks: true to follow links inside data.path"
+NOT_UTF8 = "its name is not valid UTF-8: rename it"
+
+
+def inside_image_named_folder(folder: str) -> str:
+    return f"inside a folder (or prefix) named like an image ({folder}): left out; rename the folder to include it"
+
+
+def too_large(max_file_bytes: int, size: int) -> str:
+    return (f"larger than data.max_file_bytes {max_file_bytes} ({size} bytes): left out; "
+            f"raise data.max_file_bytes in params.yaml to include it")
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (decoded by Python as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """A name that is_utf8 refuses, its odd bytes written as \\xNN, so a report can print it."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def origin_order(origin: str) -> bytes:
+    # Files are listed in an order fixed by their origin's hash rather than class by class, so a
+    # limit_per_split subset (or any prefix of a split) mixes all classes.
+    return hashlib.sha256(origin.encode()).digest()
+
+
+class Replayable:
+    """Entries made afresh by `make` on each iteration, so a listing can be walked more than once."""
+
+    def __init__(self, make: Callable[[], Iterator[FileItem | Skipped]]):
+        self._make = make
+
+    def __iter__(self) -> Iterator[FileItem | Skipped]:
+        return self._make()
 
 
 def is_hidden(origin: str) -> bool:

@@ -125,18 +125,18 @@ def fashion_mnist(cfg: DataConfig) -> RawDataset:
 def image_folder(cfg: DataConfig):
     from components.data.files import walk_folder
 
-    return walk_folder(Path(cfg.path), cfg.follow_symlinks)
+    return walk_folder(Path(cfg.path), cfg.follow_symlinks, max_file_bytes=cfg.max_file_bytes)
 
 
 @SOURCES.register("archive")
 def archive(cfg: DataConfig):
     from components.data.archive import walk_archive
 
-    return walk_archive(Path(cfg.path), cfg.archive)
+    return walk_archive(Path(cfg.path), cfg.archive, max_file_bytes=cfg.max_file_bytes)
 
 
 @SOURCES.register("s3")
 def s3(cfg: DataConfig):
     from components.data.s3 import walk_s3
 
-    return walk_s3(cfg.path)
+    return walk_s3(cfg.path, max_file_bytes=cfg.max_file_bytes)

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 CHUNK = 64  # files per task sent to a decode process
 WINDOW_PER_WORKER = 4  # tasks in flight per process: keeps each busy while bounding memory
 POOL_AFTER = 4 * CHUNK  # files decoded in this process before the pool starts (~0.5 s per process)
-MAX_BYTES_IN_FLIGHT = 256 * 2**20  # file bytes sent to the decode processes and not yet back
 
 
 def decode_processes() -> int:
@@ -83,50 +82,49 @@ def decode(data: bytes, cfg: DataConfig) -> tuple:
     return bytes_sha, pixels, hashlib.sha256(pixels.tobytes()).hexdigest(), note, None
 
 
-def _decode_chunk(chunk: list[bytes]) -> list[tuple]:
-    return [decode(data, _CONFIG) for data in chunk]
+def read_and_decode(read, cfg: DataConfig) -> tuple:
+    """decode() of what `read` returns; an unreadable file is a rejection, SourceUnavailable propagates."""
+    try:
+        data = read()
+    except OSError as exc:
+        return None, None, None, None, f"unreadable: {exc}"
+    return decode(data, cfg)
 
 
-def _read(entries: Iterable[FileItem | Skipped], report: IngestReport) -> Iterator[tuple[FileItem, bytes]]:
-    """The files' bytes, in order; what the source refused, and unreadable files, go to the report."""
+def _decode_chunk(reads: list) -> list[tuple]:
+    return [read_and_decode(read, _CONFIG) for read in reads]
+
+
+def _files(entries: Iterable[FileItem | Skipped], report: IngestReport) -> Iterator[FileItem]:
+    """The candidate files, in order; what the source refused goes to the report."""
     for entry in entries:
         if isinstance(entry, Skipped):
             report.reject(entry.origin, entry.reason)
-            continue
-        try:
-            data = entry.read()
-        except OSError as exc:  # this file alone; SourceUnavailable (the source itself) stops the ingest
-            report.reject(entry.origin, f"unreadable: {exc}")
-            continue
-        yield entry, data
+        else:
+            yield entry
 
 
-def decoded(files: Iterator[tuple[FileItem, bytes]], cfg: DataConfig, processes: int) -> Iterator[tuple]:
-    """(item, bytes sha256, pixels, pixels sha256, note, reason) per file, in the files' order. The first
-    POOL_AFTER files are decoded here: a small source never pays for starting the processes."""
+def decoded(files: Iterator[FileItem], cfg: DataConfig, processes: int) -> Iterator[tuple]:
+    """(item, bytes sha256, pixels, pixels sha256, note, reason) per file, in the files' order. The decode
+    processes read the files themselves (FileItem.read is picklable), so this process only places the
+    results. The first POOL_AFTER files are done here: a small source never pays for the processes."""
     files = iter(files)
-    for item, data in islice(files, POOL_AFTER):
-        yield (item, *decode(data, cfg))
+    for item in islice(files, POOL_AFTER if processes > 1 else None):
+        yield (item, *read_and_decode(item.read, cfg))
     if processes <= 1:
-        for item, data in files:
-            yield (item, *decode(data, cfg))
         return
     chunks = iter(lambda: list(islice(files, CHUNK)), [])
     # spawn: the decode processes start clean, whatever threads (Prefect, MLflow) the parent holds.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_decoder,
                              initargs=(cfg.model_dump_json(),)) as pool:
-        pending: deque = deque()  # (items, future, bytes) per chunk in flight, oldest first
-        in_flight = 0
+        pending: deque = deque()  # (items, future) per chunk in flight, oldest first
         for chunk in chunks:
-            size = sum(len(data) for _, data in chunk)
-            pending.append(([item for item, _ in chunk], pool.submit(_decode_chunk, [data for _, data in chunk]), size))
-            in_flight += size
-            while pending and (len(pending) >= processes * WINDOW_PER_WORKER or in_flight > MAX_BYTES_IN_FLIGHT):
-                in_flight -= pending[0][2]
-                yield from _results(*pending.popleft()[:2])
+            pending.append((chunk, pool.submit(_decode_chunk, [item.read for item in chunk])))
+            if len(pending) >= processes * WINDOW_PER_WORKER:
+                yield from _results(*pending.popleft())
         while pending:
-            yield from _results(*pending.popleft()[:2])
+            yield from _results(*pending.popleft())
 
 
 def _results(items: list[FileItem], future) -> Iterator[tuple]:
@@ -170,7 +168,7 @@ def ingest_files(listing: Listing, cfg: DataConfig, writer: DatasetWriter, repor
                  processes: int | None = None) -> None:
     """Every file of the listing into the writer or the report (nothing found is lost)."""
     label_of = {name: k for k, name in enumerate(listing.classes)}
-    files = _read(listing.entries, report)
+    files = _files(listing.entries, report)
     with tempfile.TemporaryDirectory(prefix="genpipe-ingest-") as scratch:
         seen = SeenImages(Path(scratch))
         try:
