@@ -219,12 +219,17 @@ def test_a_read_failing_past_the_retries_stops_the_ingest(flaky_object):
     assert len(server.if_match) == READ_RETRIES + 1 and not server.script
 
 
-def test_a_read_without_credentials_stops_the_ingest(endpoint, monkeypatch, tmp_path):
+def without_credentials(monkeypatch, tmp_path) -> None:
+    """No keys, no shared files and no instance metadata service: boto3's chain ends at once."""
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_a_read_without_credentials_stops_the_ingest(endpoint, monkeypatch, tmp_path):
+    without_credentials(monkeypatch, tmp_path)
     read = ObjectBytes(make_client(), BUCKET, "data/cat/1.png", '"any-etag"')  # no request is signed
     with pytest.raises(SourceUnavailable, match=r"s3://photos/data/cat/1.png: the credentials were refused "
                                                 r"\(NoCredentialsError\).*AWS_ACCESS_KEY_ID"):
@@ -323,12 +328,7 @@ def test_wrong_credentials_are_refused_clearly_without_the_secret(endpoint, tmp_
 
 
 def test_no_credentials_at_all_is_clear(endpoint, monkeypatch, tmp_path):
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.delenv(name)
-    # No shared files and no instance metadata service: the chain ends at once.
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    without_credentials(monkeypatch, tmp_path)
     with pytest.raises(PermissionError, match=r"data.path 's3://photos/data'.*no usable AWS credentials"):
         walk_s3(URL, max_file_bytes=CAP)
 
