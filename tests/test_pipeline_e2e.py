@@ -90,8 +90,10 @@ def test_first_run_trains_evaluates_registers_and_pushes(workspace, client):
     result = run_retrain()
 
     models = ["vae", "dcgan", "cgan"]  # the default run: a VAE, an unconditional and a conditional GAN
-    assert set(result.stages_run) == {"ingest", "classifier", *(f"{stage}@{m}" for m in models for stage in ("train", "evaluate"))}
+    assert set(result.stages_run) == {"ingest", "classifier", "inception",
+                                      *(f"{stage}@{m}" for m in models for stage in ("train", "evaluate"))}
     assert result.stages_run.index("ingest") < result.stages_run.index("train@vae") < result.stages_run.index("evaluate@vae")
+    assert result.stages_run.index("inception") < result.stages_run.index("evaluate@vae")
     for name in [f"fashion-mnist-{m}" for m in models]:
         champion = client.get_model_version_by_alias(name, "champion")
         assert str(champion.version) == "1"
