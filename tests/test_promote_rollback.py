@@ -338,3 +338,30 @@ def test_two_registrations_at_once_end_with_one_champion_the_better_one(tmp_path
         assert (worse_decision == "promoted") == (worse_version in promoted), decided
         if worse_decision == "promoted":  # it was judged first, and the better one was judged against it
             assert store.get_model_version(name, better_version).tags["promotion.champion_score"] == "40.0"
+
+
+def test_a_persons_rollback_during_a_crashed_registration_stands(tmp_path, store, monkeypatch):
+    """v2's registration crashes right after it moved the champion alias; a person rolls v2 back; the
+    rerun must not re-apply the pending plan over that, and the retry judging v2 anew keeps it out."""
+    from test_registry import CrashAt
+
+    from components.tracking.registry import ChampionChanged
+    from components.tracking.runs import client
+
+    register(candidate(tmp_path, 1, 60.0, None))
+    challenger = candidate(tmp_path, 2, 40.0, None)
+    crashing = CrashAt(client(), 3)  # writes: pending, challenger alias, champion alias | crash
+    monkeypatch.setattr(registry, "client", lambda: crashing)
+    with pytest.raises(KeyboardInterrupt):
+        register(challenger)
+    monkeypatch.setattr(registry, "client", client)
+    assert champion_of(store) == "2" and registry.PENDING in store.get_model_version(NAME, "2").tags
+
+    rollback(NAME, "v2's samples have artefacts the metric misses")
+    with pytest.raises(ChampionChanged, match=r"ada moved the champion \(rollback to v1\) after v2 was judged"):
+        register(challenger)
+    assert champion_of(store) == "1"
+    retry = register(challenger)
+    assert retry.decision == "kept" and "ada rolled v2 back" in retry.reason and "genpipe promote" in retry.reason
+    assert champion_of(store) == "1"
+    assert [r["action"] for r in audit.trail(store.get_registered_model(NAME))] == ["register", "register", "rollback"]

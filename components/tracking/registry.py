@@ -208,12 +208,34 @@ def _judge(c, name: str, mv, value: float, value_ci: Interval | None, cfg: Regis
             plan["champion_score"], plan["champion_ci"] = champion_value, champion_ci
     plan["rule"] = (f"{metric} lower by more than registry.min_improvement {margin:g}"
                     + (" and beyond both intervals" if _valid(value_ci) and _valid(plan["champion_ci"]) else ""))
+    rolled_back = _rolled_back(c, name, str(mv.version))
+    if promote and rolled_back is not None:  # a person's decision stands over the gate's
+        promote = False
+        reason = (f"{reason}; but {rolled_back['who']} rolled v{mv.version} back at {rolled_back['at'][:19]}Z "
+                  f"({rolled_back['why'][:200]}): not promoted again automatically (genpipe promote does it)")
     plan["decision"] = ("champion" if champion is None else "promoted") if promote else "kept"
     plan["reason"] = reason
     if promote:
         plan["audit"] = audit.new_record("register", plan["champion"], str(mv.version), reason)
     c.set_model_version_tag(name, mv.version, PENDING, json.dumps(plan, sort_keys=True))
     return plan
+
+
+def _rolled_back(c, name: str, version: str) -> dict | None:
+    """The latest audit record of a person rolling `version` back from champion, if any."""
+    records = [r for r in audit.trail(c.get_registered_model(name)) if r["action"] == "rollback" and r["from"] == version]
+    return records[-1] if records else None
+
+
+def _moved_since(c, name: str, plan: dict) -> dict | None:
+    """An audit record written after the plan's own (a person's promote or rollback, say, while a crashed
+    registration's plan was pending): the plan no longer describes today's registry."""
+    if "audit" not in plan:
+        return None
+    key, record = plan["audit"]
+    later = [r for k, r in ((k, json.loads(v)) for k, v in c.get_registered_model(name).tags.items()
+                            if k.startswith(audit.PREFIX)) if k != key and r["at"] > record["at"]]
+    return max(later, key=lambda r: r["at"]) if later else None
 
 
 def _champion_score(c, name: str, champion, metric: str, protocol: dict,
@@ -252,6 +274,12 @@ def _champion_score(c, name: str, champion, metric: str, protocol: dict,
 def _apply(c, name: str, version: str, plan: dict, lock: ChampionLock) -> None:
     """Move the aliases as planned, unless the champion changed since the plan was made."""
     lock.check()
+    moved = _moved_since(c, name, plan)
+    if moved is not None:
+        c.delete_model_version_tag(name, version, PENDING)
+        raise ChampionChanged(
+            f"{name}: {moved['who']} moved the champion ({moved['action']} to v{moved['to']}) after v{version} was "
+            f"judged; register again to judge v{version} against today's champion")
     current = _champion(c, name)
     current_version = None if current is None else str(current.version)
     if current_version not in (plan["champion"], version):
