@@ -14,7 +14,8 @@ from components.evaluation.classifier import FEATURES, Classifier, FeatureExtrac
 from components.evaluation.evaluate import evaluate_model
 from components.evaluation.grid import sample_uint8, save_grid
 from components.images import to_uint8
-from components.evaluation.metrics import METRICS, EvalContext, frechet_distance, kernel_distance
+from components.evaluation import features as F
+from components.evaluation.metrics import METRICS, EvalContext
 from components.models import FAMILIES, build_model
 
 NOISE_LEVELS = (0.1, 0.3, 0.6)
@@ -23,6 +24,22 @@ pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save:UserWarning"),
 ]
+
+
+# FID and KID of two image sets under an arbitrary feature extractor (images in [-1, 1] → (N, d)):
+# the maths of features.py, checked on cases with known answers.
+@torch.no_grad()
+def _features(extractor: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    device = next(extractor.parameters()).device
+    return torch.cat([extractor(chunk.to(device)) for chunk in images.split(batch_size)])
+
+
+def frechet_distance(real, fake, extractor, batch_size: int = 500) -> float:
+    return F.fid(_features(extractor, real, batch_size), _features(extractor, fake, batch_size))
+
+
+def kernel_distance(real, fake, extractor, subset_size: int, batch_size: int = 500) -> tuple[float, float]:
+    return F.kid(_features(extractor, real, batch_size), _features(extractor, fake, batch_size), subset_size)
 
 
 

@@ -93,27 +93,6 @@ class EvalContext:
 METRICS: Registry[Callable[[EvalContext], dict[str, float]]] = Registry("metric")
 
 
-@torch.no_grad()
-def _features(extractor: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    device = next(extractor.parameters()).device
-    return torch.cat([extractor(chunk.to(device)) for chunk in images.split(batch_size)])
-
-
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor, extractor: torch.nn.Module, batch_size: int = 500) -> float:
-    """FID of two image sets under a feature extractor (images in [-1, 1] → (N, d))."""
-    from components.evaluation import features as F
-
-    return F.fid(_features(extractor, real, batch_size), _features(extractor, fake, batch_size))
-
-
-def kernel_distance(real: torch.Tensor, fake: torch.Tensor, extractor: torch.nn.Module, subset_size: int,
-                    batch_size: int = 500) -> tuple[float, float]:
-    """KID (mean, std over subsets) of two image sets under a feature extractor."""
-    from components.evaluation import features as F
-
-    return F.kid(_features(extractor, real, batch_size), _features(extractor, fake, batch_size), subset_size)
-
-
 @METRICS.register("fid")
 def fid_metric(ctx: EvalContext) -> dict[str, float]:
     from components.evaluation import features as F
