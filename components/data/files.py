@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 from components.data.items import (EMPTY_CLASS, HIDDEN, IMAGE_NAMED_FOLDER, NOT_IN_CLASS, NOT_UTF8, SPECIAL_FILE,
                                    SYMLINK_REFUSED, FileItem, Listing, Replayable, Skipped, has_image_extension,
-                                   is_utf8, origin_order, printable, too_large, unsupported_extension)
+                                   is_utf8, hash_order, printable, too_large, unsupported_extension)
 
 
 def read_file(path: Path, max_file_bytes: int, follow_symlinks: bool) -> bytes:
@@ -173,7 +173,7 @@ def walk_folder(root: Path, follow_symlinks: bool, *, max_file_bytes: int) -> Li
     walk = _FolderWalk(root, follow_symlinks, max_file_bytes)
     walk.walk()
     classes = walk.classes()
-    walk.found.sort(key=origin_order)
+    walk.found = [walk.found[i] for i in hash_order(walk.found)]
     skipped, found = walk.skipped, walk.found
     return Listing(classes=classes,
                    entries=Replayable(lambda: _entries(root, skipped, found, max_file_bytes, follow_symlinks)))

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
+import numpy as np
+
 from components.registry import Registry
 
 if TYPE_CHECKING:
@@ -78,10 +80,14 @@ def printable(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def origin_order(origin: str) -> bytes:
-    # Files are listed in an order fixed by their origin's hash rather than class by class, so a
-    # limit_per_split subset (or any prefix of a split) mixes all classes.
-    return hashlib.sha256(origin.encode()).digest()
+def hash_order(origins: list[str]) -> np.ndarray:
+    """The positions of `origins` sorted by their sha256: files are listed in an order fixed by their
+    origin's hash rather than class by class, so a limit_per_split subset (or any prefix of a split)
+    mixes all classes. Sorted on 8-byte keys in one array: a key object per file would cost ~65 bytes
+    each, a third of the walk's memory."""
+    keys = np.fromiter((int.from_bytes(hashlib.sha256(origin.encode()).digest()[:8], "big") for origin in origins),
+                       dtype=np.uint64, count=len(origins))
+    return np.argsort(keys, kind="stable")
 
 
 class Replayable:

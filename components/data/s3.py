@@ -39,7 +39,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, HTTPClientError, In
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from components.data.items import (EMPTY_CLASS, HIDDEN, IMAGE_NAMED_FOLDER, NOT_IN_CLASS, FileItem, Listing, Skipped,
-                                   SourceUnavailable, has_image_extension, inside_image_named_folder, origin_order,
+                                   SourceUnavailable, has_image_extension, inside_image_named_folder, hash_order,
                                    too_large, unsupported_extension)
 
 ATTEMPTS = 5  # tries per request (standard mode: exponential backoff with jitter); AWS_MAX_ATTEMPTS overrides
@@ -218,7 +218,7 @@ class _Judge:
 
 def walk_s3(url: str, *, max_file_bytes: int, page_size: int = PAGE_SIZE) -> Listing:
     """List every object under the prefix: images under PREFIX/<class>/ (sub-prefixes included)
-    become FileItems, anything else a Skipped with its reason. Entries come in items.origin_order:
+    become FileItems, anything else a Skipped with its reason. Entries come in items.hash_order:
     the same order on every run, classes mixed. Sub-prefixes are written with their trailing '/'."""
     bucket, prefix = parse_s3_url(url)
     client = make_client()
@@ -240,7 +240,7 @@ def walk_s3(url: str, *, max_file_bytes: int, page_size: int = PAGE_SIZE) -> Lis
     classes = sorted({e.label for e in entries if isinstance(e, FileItem)})
     entries += [Skipped(f"{folder}/", IMAGE_NAMED_FOLDER) for folder in judge.image_named]
     entries += [Skipped(f"{name}/", EMPTY_CLASS) for name in judge.class_prefixes - set(classes)]
-    entries.sort(key=lambda e: origin_order(e.origin))
+    entries = [entries[i] for i in hash_order([e.origin for e in entries])]
     fingerprint = sorted(objects)
     return Listing(classes, entries, {
         "bucket": bucket, "prefix": prefix, "objects": len(objects),
