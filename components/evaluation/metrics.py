@@ -25,6 +25,7 @@ from components.models.base import GenerativeModel
 from components.registry import Registry
 
 if TYPE_CHECKING:
+    from components.evaluation import features as F
     from components.evaluation.inception import InceptionReference
 
 # A perfect reconstruction has PSNR +inf, and a non-finite metric fails the evaluation: each image's
