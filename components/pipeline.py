@@ -6,33 +6,12 @@ import contextlib
 
 import hashlib
 import json
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from components.config import Params, config_hash
-from components.data.pack import dataset_version, load_split, read_manifest, swap_in
+from components.data.pack import dataset_version, load_split, read_manifest, staged_dir
 from components.state import checkpoint_path, device
 from components.training.checkpoint import load_weights, save_weights, write_json
-
-
-@contextmanager
-def staged_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary folder that replaces out_dir only if the block succeeds.
-
-    Temp names are `.{name}.tmp-*` and `.{name}.old-*` beside out_dir: what a killed run leaves
-    there is swept at the next start (components.workspace.sweep_stale).
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        yield tmp
-        swap_in(tmp, out_dir)  # the old folder goes only once the new one is in place
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def source_hash(*parts: str) -> str:

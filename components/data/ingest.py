@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from components.data.items import IMAGE_EXTENSIONS, Listing, SourceUnavailable
-from components.data.pack import REJECTED, DatasetWriter, pack_dataset, staged_dataset, write_summary
+from components.data.pack import DATASET_MODE, REJECTED, DatasetWriter, pack_dataset, staged_dir, write_summary
 from components.data.sources import SOURCES, DataError, RawDataset
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def _ingest_files(listing: Listing, cfg: DataConfig, out_dir: Path, log: Callabl
         raise DataError(f"{cfg.path}: no class folders holding images; expected one folder (or prefix) per class "
                         f"holding {', '.join(sorted(IMAGE_EXTENSIONS))} files")
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    with staged_dataset(out_dir) as tmp:
+    with staged_dir(out_dir, DATASET_MODE) as tmp:
         writer = DatasetWriter(tmp, listing.classes, shape, cfg.shard_size)
         report = IngestReport(tmp, listing.classes)
         try:

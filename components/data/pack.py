@@ -178,7 +178,7 @@ def pack_dataset(raw: RawDataset, out_dir: Path, cfg: DataConfig, source_info: d
 
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     _check(raw, shape)
-    with staged_dataset(out_dir) as tmp:
+    with staged_dir(out_dir, DATASET_MODE) as tmp:
         writer = DatasetWriter(tmp, list(raw.classes), shape, cfg.shard_size, tuple(raw.splits))
         report = IngestReport(tmp, list(raw.classes))
         try:
@@ -211,19 +211,26 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @contextmanager
-def staged_dataset(out_dir: Path) -> Iterator[Path]:
-    """A temporary folder beside out_dir to write a dataset into; swapped in for out_dir only when the
-    block ends without an error, otherwise removed (out_dir left as it was)."""
+def staged_dir(out_dir: Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary folder that replaces out_dir only if the block succeeds; out_dir is left as it
+    was otherwise. `mode`: the folder's permissions (mkdtemp makes it private).
+
+    Temp names are `.{name}.tmp-*` and `.{name}.old-*` beside out_dir: what a killed run leaves
+    there is swept at the next start (components.workspace.sweep_stale).
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset folder should not be
+        if mode is not None:
+            tmp.chmod(mode)
         yield tmp
-        swap_in(tmp, out_dir)
-    except BaseException:
+        swap_in(tmp, out_dir)  # the old folder goes only once the new one is in place
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+DATASET_MODE = 0o755  # a dataset folder is readable by all, as a plain mkdir makes it
 
 
 def read_items(dataset_dir: str | Path) -> list[dict]:
