@@ -9,9 +9,10 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from test_ingest_stream import data_cfg as stream_cfg
+from test_ingest_stream import encode, noise
 
 from components.config import DataConfig
 from components.data.ingest import ingest
@@ -19,22 +20,8 @@ from components.data.pack import read_items, read_manifest, read_rejected
 
 
 def data_cfg(source: str, path: Path, **overrides) -> DataConfig:
-    fields = {"name": "corpus", "source": source, "path": str(path), "image_size": 16, "channels": 1,
-              "resize": False, "test_fraction": 0.5, "limit_per_split": None, "max_pixels": 10_000,
-        "max_file_bytes": 10_000_000,
-              "shard_size": 5, "follow_symlinks": False,
-              "archive": {"max_members": 1000, "max_bytes": 2_000_000}}
-    return DataConfig.model_validate({**fields, **overrides})
-
-
-def noise(seed: int, size: int = 16) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8), "L")
-
-
-def encoded(image: Image.Image, fmt: str, **options) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **options)
-    return out.getvalue()
+    return stream_cfg(**{"name": "corpus", "source": source, "path": str(path), "shard_size": 5,
+                         "archive": {"max_members": 1000, "max_bytes": 2_000_000}, **overrides})
 
 
 def corpus_files() -> dict[str, bytes]:
@@ -43,18 +30,18 @@ def corpus_files() -> dict[str, bytes]:
     noise(20).save(animated, "GIF", save_all=True, append_images=[noise(21)])
     pages = io.BytesIO()
     noise(22).save(pages, "TIFF", save_all=True, append_images=[noise(23)])
-    original = encoded(noise(1), "PNG")
+    original = encode(noise(1), "PNG")
     files = {
-        "a/1.png": original, "a/2.jpg": encoded(noise(2), "JPEG"), "a/3.bmp": encoded(noise(3), "BMP"),
-        "a/4.webp": encoded(noise(4), "WEBP", lossless=True), "a/5.gif": animated.getvalue(),
-        "a/6.tif": pages.getvalue(), "a/cut.png": encoded(noise(5), "PNG")[:-40],
-        "a/.secret.png": encoded(noise(6), "PNG"), "a/folder.png/inner.png": encoded(noise(7), "PNG"),
-        "b/bomb.png": encoded(noise(8, 200), "PNG"), "b/copy.png": original,
-        "b/same-pixels.png": encoded(noise(1), "PNG", compress_level=0),
-        "b/notes.txt": b"notes", "txt-only/readme.txt": b"readme", ".hidden/x.png": encoded(noise(9), "PNG"),
-        "stray.png": encoded(noise(10), "PNG"),
+        "a/1.png": original, "a/2.jpg": encode(noise(2), "JPEG"), "a/3.bmp": encode(noise(3), "BMP"),
+        "a/4.webp": encode(noise(4), "WEBP", lossless=True), "a/5.gif": animated.getvalue(),
+        "a/6.tif": pages.getvalue(), "a/cut.png": encode(noise(5), "PNG")[:-40],
+        "a/.secret.png": encode(noise(6), "PNG"), "a/folder.png/inner.png": encode(noise(7), "PNG"),
+        "b/bomb.png": encode(noise(8, 200), "PNG"), "b/copy.png": original,
+        "b/same-pixels.png": encode(noise(1), "PNG", compress_level=0),
+        "b/notes.txt": b"notes", "txt-only/readme.txt": b"readme", ".hidden/x.png": encode(noise(9), "PNG"),
+        "stray.png": encode(noise(10), "PNG"),
     }
-    files.update({f"b/{i}.png": encoded(noise(100 + i), "PNG") for i in range(8)})
+    files.update({f"b/{i}.png": encode(noise(100 + i), "PNG") for i in range(8)})
     return files
 
 
@@ -79,7 +66,7 @@ def test_a_messy_folder_loses_nothing(tmp_path):
         (root / origin).parent.mkdir(parents=True, exist_ok=True)
         (root / origin).write_bytes(data)
     (root / "empty").mkdir()
-    (tmp_path / "outside.png").write_bytes(encoded(noise(11), "PNG"))
+    (tmp_path / "outside.png").write_bytes(encode(noise(11), "PNG"))
     os.symlink(tmp_path / "outside.png", root / "a/out.png")  # out of the root
     os.symlink("../b/0.png", root / "a/in.png")  # inside it, but links are refused by default
     found = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}
@@ -113,7 +100,7 @@ def unsafe_tar_members() -> list[tuple[tarfile.TarInfo, bytes | None]]:
         members.append((info, None))
     for name in ("../evil.png", "/abs.png"):
         info = tarfile.TarInfo(name)
-        data = encoded(noise(30), "PNG")
+        data = encode(noise(30), "PNG")
         info.size = len(data)
         members.append((info, data))
     return members
@@ -127,7 +114,7 @@ def test_a_messy_archive_loses_nothing(tmp_path, kind):
         with zipfile.ZipFile(path, "w") as archive:
             for origin, data in files.items():
                 archive.writestr(origin, data)
-            archive.writestr("../../evil.png", encoded(noise(31), "PNG"))  # zip-slip
+            archive.writestr("../../evil.png", encode(noise(31), "PNG"))  # zip-slip
             archive.writestr("bomb/zeros.png", b"\0" * 3_000_000, compress_type=zipfile.ZIP_DEFLATED)
         extra = {"../../evil.png", "bomb/zeros.png"}
     else:
