@@ -34,7 +34,7 @@ def ingest(cfg: DataConfig, out_dir: Path, log: Callable[[str], None] = print) -
 
 
 def _ingest_files(listing: Listing, cfg: DataConfig, out_dir: Path, log: Callable[[str], None]) -> dict:
-    from components.data.report import IngestReport, summary_lines
+    from components.data.report import CONTACT_SHEET, REPORT, IngestReport, summary_lines
     from components.data.stream import ingest_files
 
     if not listing.classes:
@@ -49,7 +49,6 @@ def _ingest_files(listing: Listing, cfg: DataConfig, out_dir: Path, log: Callabl
             for name in writer.drop_empty_classes():
                 report.warn(f"class {name!r}: none of its files could be used; left out of the class list")
             if writer.count("train") == 0:
-                report.close()
                 raise DataError(f"no valid training images in {cfg.path}; {report.rejected} left out, by reason: "
                                 f"{dict(report.by_reason)}")
             manifest = writer.finish({"name": cfg.name, "source": {"name": cfg.source, **listing.source_info},
@@ -62,8 +61,8 @@ def _ingest_files(listing: Listing, cfg: DataConfig, out_dir: Path, log: Callabl
         summary = write_summary(tmp, manifest, report.rejected)
     for line in summary_lines(cfg.source, cfg.path, manifest, summary_report):
         log(line)
-    log(f"packed {out_dir}; every file left out, with its reason: {out_dir / 'rejected.jsonl'}, "
-        f"the report: {out_dir / 'report.json'}, {out_dir / 'contact_sheet.png'}")
+    log(f"packed {out_dir}; every file left out, with its reason: {out_dir / REJECTED}, "
+        f"the report: {out_dir / REPORT}, {out_dir / CONTACT_SHEET}")
     return summary
 
 

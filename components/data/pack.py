@@ -185,7 +185,7 @@ def pack_dataset(raw: RawDataset, out_dir: Path, cfg: DataConfig, source_info: d
             for name, split in raw.splits.items():
                 for pixels, label, origin in zip(split.images, split.labels, split.origins):
                     writer.add(name, np.ascontiguousarray(pixels), int(label), {"origin": origin})
-                    report.accepted(name, raw.classes[label], pixels)
+                    report.accepted(raw.classes[label], pixels)
             for rejection in raw.rejected:
                 report.reject(rejection["origin"], rejection["reason"])
             manifest = writer.finish({"name": cfg.name, "source": dict(source_info), "rejected": REJECTED,

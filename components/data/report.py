@@ -56,7 +56,7 @@ class IngestReport:
     def warn(self, text: str) -> None:
         self.warnings.append(text)
 
-    def accepted(self, split: str, label: str, pixels: np.ndarray) -> None:
+    def accepted(self, label: str, pixels: np.ndarray) -> None:
         if len(self.sheet[label]) < SHEET_PER_CLASS:
             self.sheet[label].append(pixels)
 

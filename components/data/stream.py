@@ -202,4 +202,4 @@ def _place(item: FileItem, bytes_sha: str, pixels, pixels_sha: str | None, note:
         record["note"] = note
         report.note(item.origin, note)
     writer.add(split, np.ascontiguousarray(pixels), label_of[item.label], record)
-    report.accepted(split, item.label, pixels)
+    report.accepted(item.label, pixels)
