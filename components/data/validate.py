@@ -3,7 +3,8 @@
 PNG, JPEG, GIF, BMP, WebP and TIFF decode alike. A file of several frames (an animated GIF or
 WebP, a multi-page TIFF) gives its first frame, and says so. Checks, in order: the header decodes; width*height from the header is at most data.max_pixels
 (checked before any pixel is decoded, so a decompression bomb costs nothing); the file is complete
-(PIL's verify() on one open, then a full load() on a fresh one); the EXIF orientation is applied;
+(PIL's verify() on one open, then a full load() on a fresh one; a plain PNG is checked
+and decoded in one pass instead, see png.py); the EXIF orientation is applied;
 the mode and size rules below. Any error while converting rejects that one image.
 
 Mode rule: the result has data.channels channels, "L" (grayscale) for 1 and "RGB" for 3. Images
@@ -20,16 +21,31 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from components.data.png import CorruptPng, decode_plain_png
 
 if TYPE_CHECKING:
     from components.config import DataConfig
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 EXIF_FORMATS = {"JPEG", "MPO", "TIFF", "WEBP"}  # formats whose orientation may sit outside img.info["exif"]
+
+
+class DecodeRules(NamedTuple):
+    """The data params decoding follows (DataConfig has them too): a decode process gets only these,
+    so it never imports the config's modules."""
+    max_pixels: int
+    channels: int
+    image_size: int
+    resize: bool
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> DecodeRules:
+        return cls(cfg.max_pixels, cfg.channels, cfg.image_size, cfg.resize)
 
 
 class ImageRejected(Exception):
@@ -98,14 +114,20 @@ def _fit(img: Image.Image, size: int, resize: bool) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def load_image(path: str | Path, cfg: DataConfig) -> np.ndarray:
+def load_image(path: str | Path, cfg: DataConfig | DecodeRules) -> np.ndarray:
     """Decode, check and convert one image file; raise ImageRejected with the reason if unusable."""
     return decode_image(Path(path).read_bytes(), cfg)[0]
 
 
-def decode_image(data: bytes, cfg: DataConfig) -> tuple[np.ndarray, str | None]:
+def decode_image(data: bytes, cfg: DataConfig | DecodeRules) -> tuple[np.ndarray, str | None]:
     """(pixels, note): the checked and converted image of a file's bytes, and which frame was taken
     when it has several (None otherwise); raise ImageRejected with the reason if unusable."""
+    try:
+        plain = decode_plain_png(data, cfg.max_pixels)
+    except CorruptPng as exc:
+        raise ImageRejected(f"truncated or corrupt: {exc}") from None
+    if plain is not None:
+        return _pixels(plain, cfg), None
     _check_header(data, cfg.max_pixels)
     note = None
     with _open(io.BytesIO(data)) as img:
@@ -120,11 +142,22 @@ def decode_image(data: bytes, cfg: DataConfig) -> tuple[np.ndarray, str | None]:
         try:
             if img.format in EXIF_FORMATS or "exif" in img.info:  # parsing absent EXIF costs ~30 % of a small PNG
                 img = ImageOps.exif_transpose(img)  # the picture as a viewer shows it, before the size rule
-            img = _fit(_to_mode(img, cfg.channels), cfg.image_size, cfg.resize)
-            pixels = np.asarray(img, dtype=np.uint8)
-        except ImageRejected:
-            raise
-        except Exception as exc:  # an odd mode or broken metadata costs this file, not the ingest
+        except Exception as exc:  # broken metadata costs this file, not the ingest
             raise ImageRejected(f"cannot convert: {type(exc).__name__}: {exc}") from None
+        return _pixels(img, cfg), note
+
+
+def _pixels(img: Image.Image, cfg: DataConfig | DecodeRules) -> np.ndarray:
+    """The C×H×W uint8 array of a loaded image, after the mode and size rules."""
+    if (img.mode == ("L" if cfg.channels == 1 else "RGB") and img.size == (cfg.image_size, cfg.image_size)
+            and "transparency" not in img.info):
+        pixels = np.frombuffer(img.tobytes(), dtype=np.uint8)  # the commonest case; asarray() costs 2x
+        return pixels.reshape(cfg.image_size, cfg.image_size, cfg.channels).transpose(2, 0, 1).copy()
+    try:
+        pixels = np.asarray(_fit(_to_mode(img, cfg.channels), cfg.image_size, cfg.resize), dtype=np.uint8)
+    except ImageRejected:
+        raise
+    except Exception as exc:  # an odd mode costs this file, not the ingest
+        raise ImageRejected(f"cannot convert: {type(exc).__name__}: {exc}") from None
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    return np.ascontiguousarray(pixels), note
+    return np.ascontiguousarray(pixels)
