@@ -16,7 +16,7 @@ import pytest
 from components.config import ArchiveLimits, DataConfig
 from components.data.archive import walk_archive
 from components.data.files import walk_folder
-from components.data.items import EMPTY_CLASS, NOT_UTF8, FileItem, Skipped, too_large
+from components.data.items import EMPTY_CLASS, NOT_UTF8, FileItem, Skipped, TooLarge, too_large
 from components.data.sources import SOURCES
 
 
@@ -153,18 +153,22 @@ def test_names_not_utf8_are_reported_printably_never_listed(tmp_path):
     assert listing.classes == ["cat"]
 
 
-def test_files_larger_than_max_file_bytes_are_refused_before_reading(tmp_path):
-    for origin, size in {"cat/small.png": 5, "cat/large.png": 6, "dog/huge.png": 9}.items():
+def test_files_larger_than_max_file_bytes_are_refused_before_a_byte_is_read(tmp_path):
+    for origin, size in {"cat/small.png": 5, "cat/large.png": 6}.items():
         (tmp_path / origin).parent.mkdir(exist_ok=True)
         (tmp_path / origin).write_bytes(b"x" * size)
+    (tmp_path / "dog").mkdir()
+    with open(tmp_path / "dog" / "huge.png", "wb") as huge:
+        huge.truncate(2**34)  # sparse: reading it would take minutes and 16 GB
     os.symlink("../cat/large.png", tmp_path / "dog" / "link.png")
-    listing = walk_folder(tmp_path, follow_symlinks=True, max_file_bytes=5)
-    items, skipped = split(listing)
-    assert set(items) == {"cat/small.png"}
-    assert skipped == {"cat/large.png": too_large(5, 6), "dog/huge.png": too_large(5, 9),
-                       "dog/link.png": too_large(5, 6), "dog": EMPTY_CLASS}
-    assert "larger than data.max_file_bytes 5 (6 bytes): left out" in skipped["cat/large.png"]
-    assert listing.classes == ["cat"]
+    items, skipped = split(walk_folder(tmp_path, follow_symlinks=True, max_file_bytes=5))
+    assert skipped == {} and set(items) == {"cat/small.png", "cat/large.png", "dog/huge.png", "dog/link.png"}
+    assert items["cat/small.png"].read() == b"x" * 5
+    for origin, size in {"cat/large.png": 6, "dog/huge.png": 2**34, "dog/link.png": 6}.items():
+        with pytest.raises(TooLarge) as err:
+            items[origin].read()
+        assert str(err.value) == too_large(5, size)
+    assert "larger than data.max_file_bytes 5 (6 bytes): left out" in too_large(5, 6)
 
 
 def test_a_file_swapped_after_the_walk_is_read_safely(tmp_path):
@@ -180,7 +184,7 @@ def test_a_file_swapped_after_the_walk_is_read_safely(tmp_path):
     (tmp_path / "cat/3.png").write_bytes(b"x" * 101)  # grown past the cap
     (tmp_path / "cat/4.png").unlink()
     for origin, words in {"cat/1.png": "replaced by a symlink since the walk: not followed",
-                          "cat/2.png": "no longer a regular file", "cat/3.png": "grew since the walk past data.max_file_bytes 100",
+                          "cat/2.png": "no longer a regular file", "cat/3.png": "larger than data.max_file_bytes 100 \\(101 bytes\\)",
                           "cat/4.png": "No such file or directory"}.items():
         with pytest.raises(OSError, match=words) as err:
             items[origin].read()

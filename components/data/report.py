@@ -56,9 +56,11 @@ class IngestReport:
     def warn(self, text: str) -> None:
         self.warnings.append(text)
 
-    def accepted(self, label: str, pixels: np.ndarray) -> None:
+    def accepted(self, label: str, pixels: np.ndarray | bytes, shape: tuple[int, int, int]) -> None:
+        """An image kept, as an array or the bytes of a uint8 array of that shape."""
         if len(self.sheet[label]) < SHEET_PER_CLASS:
-            self.sheet[label].append(pixels)
+            self.sheet[label].append(np.frombuffer(pixels, dtype=np.uint8).reshape(shape)
+                                     if isinstance(pixels, bytes) else pixels)
 
     @property
     def rejected(self) -> int:

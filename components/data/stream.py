@@ -2,8 +2,8 @@
 dropped, the split decided by content, and the dataset written shard by shard.
 
 Memory is bounded whatever the number of files: a few shards being filled and the decode window
-(WINDOW_PER_WORKER chunks of CHUNK files per process); the hash of every distinct image met is kept
-in an SQLite file, not in memory. Results come back in the source's order, so the dataset is the
+(WINDOW_PER_WORKER chunks of CHUNK files per process), and 16 bytes per distinct image for finding
+duplicates (seen.py). Results come back in the source's order, so the dataset is the
 same whatever the number of processes.
 
 The split is a function of the decoded pixels (their sha256), so pixel-identical files, and
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import sqlite3
 import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -25,18 +24,17 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-import numpy as np
-
-from components.data.items import FileItem, Listing, Skipped
+from components.data.items import FileItem, Listing, Skipped, TooLarge
+from components.data.seen import SeenImages
 from components.data.sources import DataError
-from components.data.validate import ImageRejected, decode_image
+from components.data.validate import DecodeRules, ImageRejected, decode_image
 
 if TYPE_CHECKING:
     from components.config import DataConfig
     from components.data.pack import DatasetWriter
     from components.data.report import IngestReport
 
-CHUNK = 64  # files per task sent to a decode process
+CHUNK = 256  # files per task sent to a decode process
 WINDOW_PER_WORKER = 4  # tasks in flight per process: keeps each busy while bounding memory
 POOL_AFTER = 4 * CHUNK  # files decoded in this process before the pool starts (~0.5 s per process)
 
@@ -60,18 +58,17 @@ def split_of(pixels_sha256: str, test_fraction: float) -> str:
     return "test" if int(pixels_sha256[:8], 16) / 2**32 < test_fraction else "train"
 
 
-_CONFIG: DataConfig | None = None  # a decode process's copy of the data params
+_RULES: DecodeRules | None = None  # a decode process's copy of the data params it needs
 
 
-def _start_decoder(config_json: str) -> None:
-    global _CONFIG
-    from components.config import DataConfig
-
-    _CONFIG = DataConfig.model_validate_json(config_json)
+def _start_decoder(rules: DecodeRules) -> None:
+    global _RULES
+    _RULES = rules
 
 
-def decode(data: bytes, cfg: DataConfig) -> tuple:
-    """(bytes sha256, pixels or None, pixels sha256, note, rejection reason) of one file's bytes."""
+def decode(data: bytes, cfg: DataConfig | DecodeRules) -> tuple:
+    """(bytes sha256, pixels or None, pixels sha256, note, rejection reason) of one file's bytes; the
+    pixels as the bytes of a C×H×W uint8 array (a tenth of an array's cost to pass between processes)."""
     bytes_sha = hashlib.sha256(data).hexdigest()
     try:
         pixels, note = decode_image(data, cfg)
@@ -79,20 +76,23 @@ def decode(data: bytes, cfg: DataConfig) -> tuple:
         return bytes_sha, None, None, None, exc.reason
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one crafted file costs that file, not the ingest
         return bytes_sha, None, None, None, f"cannot decode: {type(exc).__name__}: {exc}"
-    return bytes_sha, pixels, hashlib.sha256(pixels.tobytes()).hexdigest(), note, None
+    pixels = pixels.tobytes()
+    return bytes_sha, pixels, hashlib.sha256(pixels).hexdigest(), note, None
 
 
-def read_and_decode(read, cfg: DataConfig) -> tuple:
+def read_and_decode(read, cfg: DataConfig | DecodeRules) -> tuple:
     """decode() of what `read` returns; an unreadable file is a rejection, SourceUnavailable propagates."""
     try:
         data = read()
+    except TooLarge as exc:
+        return None, None, None, None, str(exc)
     except OSError as exc:
         return None, None, None, None, f"unreadable: {exc}"
     return decode(data, cfg)
 
 
 def _decode_chunk(reads: list) -> list[tuple]:
-    return [read_and_decode(read, _CONFIG) for read in reads]
+    return [read_and_decode(read, _RULES) for read in reads]
 
 
 def _files(entries: Iterable[FileItem | Skipped], report: IngestReport) -> Iterator[FileItem]:
@@ -104,64 +104,38 @@ def _files(entries: Iterable[FileItem | Skipped], report: IngestReport) -> Itera
             yield entry
 
 
-def decoded(files: Iterator[FileItem], cfg: DataConfig, processes: int) -> Iterator[tuple]:
-    """(item, bytes sha256, pixels, pixels sha256, note, reason) per file, in the files' order. The decode
-    processes read the files themselves (FileItem.read is picklable), so this process only places the
-    results. The first POOL_AFTER files are done here: a small source never pays for the processes."""
+def decoded(files: Iterator[FileItem], cfg: DataConfig, processes: int) -> Iterator[list[tuple]]:
+    """Chunks of (item, bytes sha256, pixels, pixels sha256, note, reason) per file, in the files' order.
+    The decode processes read the files themselves (FileItem.read is picklable), so this process only
+    places the results. The first POOL_AFTER files are done here: a small source never pays for the
+    processes."""
     files = iter(files)
-    for item in islice(files, POOL_AFTER if processes > 1 else None):
-        yield (item, *read_and_decode(item.read, cfg))
+    chunks = iter(lambda: list(islice(files, CHUNK)), [])
+    for chunk in islice(chunks, POOL_AFTER // CHUNK if processes > 1 else None):
+        yield [(item, *read_and_decode(item.read, cfg)) for item in chunk]
     if processes <= 1:
         return
-    chunks = iter(lambda: list(islice(files, CHUNK)), [])
     # spawn: the decode processes start clean, whatever threads (Prefect, MLflow) the parent holds.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_decoder,
-                             initargs=(cfg.model_dump_json(),)) as pool:
+                             initargs=(DecodeRules.of(cfg),)) as pool:
         pending: deque = deque()  # (items, future) per chunk in flight, oldest first
         for chunk in chunks:
             pending.append((chunk, pool.submit(_decode_chunk, [item.read for item in chunk])))
             if len(pending) >= processes * WINDOW_PER_WORKER:
-                yield from _results(*pending.popleft())
+                yield _results(*pending.popleft())
         while pending:
-            yield from _results(*pending.popleft())
+            yield _results(*pending.popleft())
 
 
-def _results(items: list[FileItem], future) -> Iterator[tuple]:
+def _results(items: list[FileItem], future) -> list[tuple]:
     try:
         results = future.result()
     except BrokenProcessPool:  # a decode process died (killed for memory, or a decoder crashed on a file)
         raise DataError(f"a decode process died while decoding {len(items)} files from {items[0].origin} to "
                         f"{items[-1].origin}; if it was killed for memory, give the ingest more, else one of "
                         f"these files crashes the image decoder: remove it") from None
-    return ((item, *result) for item, result in zip(items, results))
-
-
-class SeenImages:
-    """The distinct images met so far (pixels sha256 → first origin and its bytes sha256), in an SQLite
-    file rather than in memory: one entry per image would otherwise grow with the dataset."""
-
-    def __init__(self, folder: Path):
-        self.db = sqlite3.connect(folder / "seen.sqlite", isolation_level=None)
-        self.db.execute("PRAGMA journal_mode = OFF")
-        self.db.execute("PRAGMA synchronous = OFF")
-        self.db.execute("CREATE TABLE seen (pixels BLOB PRIMARY KEY, bytes BLOB, origin TEXT, label TEXT) WITHOUT ROWID")
-        self.db.execute("BEGIN")
-
-    def first(self, pixels_sha: str, bytes_sha: str, item: FileItem) -> tuple[str, str, str] | None:
-        """None the first time these pixels are met (they are recorded as `item`'s); afterwards the
-        origin first met with them, its bytes sha256 and its class."""
-        key = bytes.fromhex(pixels_sha)
-        inserted = self.db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)",
-                                   (key, bytes.fromhex(bytes_sha), item.origin, item.label)).rowcount
-        if inserted:
-            return None
-        first_bytes, origin, label = self.db.execute("SELECT bytes, origin, label FROM seen WHERE pixels = ?",
-                                                     (key,)).fetchone()
-        return origin, first_bytes.hex(), label
-
-    def close(self) -> None:
-        self.db.close()
+    return [(item, *result) for item, result in zip(items, results)]
 
 
 def ingest_files(listing: Listing, cfg: DataConfig, writer: DatasetWriter, report: IngestReport,
@@ -172,34 +146,49 @@ def ingest_files(listing: Listing, cfg: DataConfig, writer: DatasetWriter, repor
     with tempfile.TemporaryDirectory(prefix="genpipe-ingest-") as scratch:
         seen = SeenImages(Path(scratch))
         try:
-            for result in decoded(files, cfg, processes or decode_processes()):
-                _place(*result, cfg=cfg, label_of=label_of, seen=seen, writer=writer, report=report)
+            for chunk in decoded(files, cfg, processes or decode_processes()):
+                _place(chunk, cfg=cfg, label_of=label_of, seen=seen, writer=writer, report=report)
         finally:
             seen.close()
 
 
-def _place(item: FileItem, bytes_sha: str, pixels, pixels_sha: str | None, note: str | None, reason: str | None, *,
-           cfg: DataConfig, label_of: dict[str, int], seen: SeenImages, writer: DatasetWriter,
-           report: IngestReport) -> None:
-    """One decoded file into the dataset, or into the report with why not."""
+def _place(chunk: list[tuple], *, cfg: DataConfig, label_of: dict[str, int], seen: SeenImages,
+           writer: DatasetWriter, report: IngestReport) -> None:
+    """A chunk of decoded files into the dataset, or into the report with why not, in order."""
+    met = seen.met([pixels_sha for _, _, _, pixels_sha, _, reason in chunk if reason is None])
+    firsts = []
+    for item, bytes_sha, pixels, pixels_sha, note, reason in chunk:
+        first = _place_one(item, bytes_sha, pixels, pixels_sha, note, reason, met.get(pixels_sha),
+                           cfg=cfg, label_of=label_of, writer=writer, report=report)
+        if first:
+            met[pixels_sha] = (item.origin, bytes_sha, item.label)
+            firsts.append((pixels_sha, bytes_sha, item.origin, item.label))
+    seen.add(firsts)
+
+
+def _place_one(item: FileItem, bytes_sha: str, pixels: bytes | None, pixels_sha: str | None, note: str | None,
+               reason: str | None, first: tuple[str, str, str] | None, *, cfg: DataConfig, label_of: dict[str, int],
+               writer: DatasetWriter, report: IngestReport) -> bool:
+    """One decoded file into the dataset (True: its pixels were met for the first time), or into the
+    report with why not; `first` is the origin, bytes sha256 and class its pixels were first met with."""
     if reason is not None:
         report.reject(item.origin, reason)
-        return
+        return False
     split = split_of(pixels_sha, cfg.test_fraction)
     if cfg.limit_per_split is not None and writer.count(split) >= cfg.limit_per_split:
         report.reject(item.origin, f"left out: data.limit_per_split {cfg.limit_per_split} reached in {split}")
-        return
-    first = seen.first(pixels_sha, bytes_sha, item)
+        return False
     if first is not None:
         first_origin, first_bytes, first_label = first
         kind = "exact duplicate (same bytes)" if first_bytes == bytes_sha else \
             "pixel-identical duplicate (same decoded pixels)"
         conflict = "" if first_label == item.label else f", which is labelled {first_label!r}, not {item.label!r}"
         report.reject(item.origin, f"{kind} of {first_origin}{conflict}: kept once", duplicate_of=first_origin)
-        return
+        return False
     record = {"origin": item.origin, "sha256": pixels_sha, "bytes_sha256": bytes_sha}
     if note is not None:
         record["note"] = note
         report.note(item.origin, note)
-    writer.add(split, np.ascontiguousarray(pixels), label_of[item.label], record)
-    report.accepted(item.label, pixels)
+    writer.add(split, pixels, label_of[item.label], record)
+    report.accepted(item.label, pixels, writer.shape)
+    return True
