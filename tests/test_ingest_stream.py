@@ -138,7 +138,7 @@ def test_a_class_whose_files_all_fail_is_left_out_and_labels_renumbered(tmp_path
 
 
 def test_the_dataset_is_the_same_whatever_the_number_of_decode_processes(tmp_path):
-    count = stream.POOL_AFTER + 3 * stream.CHUNK + 5  # past the files decoded before the pool starts
+    count = stream.POOL_AFTER + 3 * stream.chunk_files(data_cfg()) + 5  # past the files decoded before the pool starts
     entries = [item(f"{'ab'[i % 2]}/{i}.png", encode(noise(i), "PNG")) for i in range(count)]
     one, manifest_one, _ = run(entries, ["a", "b"], tmp_path, processes=1)
     two, manifest_two, _ = run(entries, ["a", "b"], tmp_path, processes=2)
@@ -166,10 +166,13 @@ def test_files_are_taken_from_the_source_as_they_are_packed_not_all_first(tmp_pa
         original(self, split)
 
     monkeypatch.setattr(DatasetWriter, "_flush", flush)
+    monkeypatch.setattr(stream, "POOL_AFTER", 20)  # small, so the pool's window is what is measured
+    monkeypatch.setattr(stream, "CHUNK", 10)
     folder, manifest, _ = run(source(), ["a"], tmp_path, cfg=data_cfg(shard_size=50), processes=2)
     assert len(taken) == 600 and len(read_items(folder)) == 600
-    # About two shards' worth and the decode window, not all 600.
-    assert seen_at_first_shard[0] <= 2 * 50 + stream.POOL_AFTER + 2 * stream.WINDOW_PER_WORKER * stream.CHUNK
+    # About two shards' worth and the decode window (and one chunk being cut), not all 600.
+    assert seen_at_first_shard[0] <= 2 * 50 + 20 + (2 * stream.WINDOW_PER_WORKER + 1) * 10
+    assert stream.chunk_files(data_cfg(image_size=256, channels=3)) == 5  # 1 MiB of pixels per task at most
 
 
 def test_limit_per_split_leaves_the_rest_out_with_a_reason(tmp_path):
