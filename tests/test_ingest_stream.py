@@ -210,8 +210,8 @@ def test_a_decoder_error_costs_its_file_and_a_dead_decode_process_names_its_file
             raise RuntimeError("decoder bug")
         return real_decode(data, cfg)
 
-    real_decode = stream.decode_image
-    monkeypatch.setattr(stream, "decode_image", crash_on_crafted)
+    real_decode = stream.decode_image_bytes
+    monkeypatch.setattr(stream, "decode_image_bytes", crash_on_crafted)
     folder, _, _ = run(entries, ["a"], tmp_path)
     crashed = {r["origin"] for r in read_rejected(folder) if r["reason"].startswith("cannot decode: RuntimeError")}
     assert crashed == {"a/1.png", "a/4.png"} and len(read_items(folder)) == 10

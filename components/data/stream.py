@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from components.data.items import FileItem, Listing, Skipped, TooLarge
 from components.data.seen import SeenImages
 from components.data.sources import DataError
-from components.data.validate import DecodeRules, ImageRejected, decode_image
+from components.data.validate import DecodeRules, ImageRejected, decode_image_bytes
 
 if TYPE_CHECKING:
     from components.config import DataConfig
@@ -72,12 +72,11 @@ def decode(data: bytes, cfg: DataConfig | DecodeRules) -> tuple:
     pixels as the bytes of a C×H×W uint8 array (a tenth of an array's cost to pass between processes)."""
     bytes_sha = hashlib.sha256(data).hexdigest()
     try:
-        pixels, note = decode_image(data, cfg)
+        pixels, note = decode_image_bytes(data, cfg)
     except ImageRejected as exc:
         return bytes_sha, None, None, None, exc.reason
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one crafted file costs that file, not the ingest
         return bytes_sha, None, None, None, f"cannot decode: {type(exc).__name__}: {exc}"
-    pixels = pixels.tobytes()
     return bytes_sha, pixels, hashlib.sha256(pixels).hexdigest(), note, None
 
 

@@ -122,6 +122,12 @@ def load_image(path: str | Path, cfg: DataConfig | DecodeRules) -> np.ndarray:
 def decode_image(data: bytes, cfg: DataConfig | DecodeRules) -> tuple[np.ndarray, str | None]:
     """(pixels, note): the checked and converted image of a file's bytes, and which frame was taken
     when it has several (None otherwise); raise ImageRejected with the reason if unusable."""
+    pixels, note = decode_image_bytes(data, cfg)
+    return np.frombuffer(pixels, dtype=np.uint8).reshape(cfg.channels, cfg.image_size, cfg.image_size).copy(), note
+
+
+def decode_image_bytes(data: bytes, cfg: DataConfig | DecodeRules) -> tuple[bytes, str | None]:
+    """decode_image's pixels as the bytes of the C×H×W uint8 array (what the ingest passes on)."""
     try:
         plain = decode_plain_png(data, cfg.max_pixels)
     except CorruptPng as exc:
@@ -147,17 +153,17 @@ def decode_image(data: bytes, cfg: DataConfig | DecodeRules) -> tuple[np.ndarray
         return _pixels(img, cfg), note
 
 
-def _pixels(img: Image.Image, cfg: DataConfig | DecodeRules) -> np.ndarray:
-    """The C×H×W uint8 array of a loaded image, after the mode and size rules."""
+def _pixels(img: Image.Image, cfg: DataConfig | DecodeRules) -> bytes:
+    """The bytes of the C×H×W uint8 array of a loaded image, after the mode and size rules."""
     if (img.mode == ("L" if cfg.channels == 1 else "RGB") and img.size == (cfg.image_size, cfg.image_size)
-            and "transparency" not in img.info):
-        pixels = np.frombuffer(img.tobytes(), dtype=np.uint8)  # the commonest case; asarray() costs 2x
-        return pixels.reshape(cfg.image_size, cfg.image_size, cfg.channels).transpose(2, 0, 1).copy()
+            and "transparency" not in img.info):  # the commonest case, without an array (asarray() costs 2x)
+        if cfg.channels == 1:
+            return img.tobytes()
+        return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(*img.size[::-1], 3).transpose(2, 0, 1).tobytes()
     try:
         pixels = np.asarray(_fit(_to_mode(img, cfg.channels), cfg.image_size, cfg.resize), dtype=np.uint8)
     except ImageRejected:
         raise
     except Exception as exc:  # an odd mode costs this file, not the ingest
         raise ImageRejected(f"cannot convert: {type(exc).__name__}: {exc}") from None
-    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    return np.ascontiguousarray(pixels)
+    return (pixels if pixels.ndim == 2 else pixels.transpose(2, 0, 1)).tobytes()
