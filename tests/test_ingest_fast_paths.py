@@ -4,6 +4,7 @@ every image met, across its merges, and tells apart two images that share a hash
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -160,3 +161,20 @@ def test_two_images_sharing_a_hash_prefix_are_told_apart(tmp_path):
         seen.add([(_sha(int(x), 0), "x", "c/x.png", "c") for x in np.random.default_rng(_).integers(0, 2**62, 50)])
     assert seen.met([first, twin]) == {first: ("a/1.png", "b1", "a"), twin: ("b/2.png", "b2", "b")}
     seen.close()
+
+
+def test_items_jsonl_lines_are_what_json_dumps_writes(tmp_path):
+    from components.data.pack import DatasetWriter
+
+    writer = DatasetWriter(tmp_path, ["a", "b"], (1, 2, 2), shard_size=2)
+    odd = ['caf\u00e9/"quoted".png', "a/new\nline\\.png", "b/\u2603 tab\t.png"]
+    for k, origin in enumerate(odd):
+        item = {"origin": origin, "bytes_sha256": f"{k:064x}", "note": "GIF of 2 frames: the first taken"}
+        writer.add("train", bytes([k]) * 4, k % 2, item)
+    writer.finish({})
+    lines = (tmp_path / "items.jsonl").read_text().splitlines(keepends=True)
+    assert [json.loads(line)["origin"] for line in lines] == odd
+    for line in lines:
+        record = json.loads(line)
+        assert list(record)[:5] == ["split", "shard", "index", "label", "sha256"]
+        assert line == json.dumps(record) + "\n"
