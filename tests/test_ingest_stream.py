@@ -216,10 +216,58 @@ def test_a_decoder_error_costs_its_file_and_a_dead_decode_process_names_its_file
     crashed = {r["origin"] for r in read_rejected(folder) if r["reason"].startswith("cannot decode: RuntimeError")}
     assert crashed == {"a/1.png", "a/4.png"} and len(read_items(folder)) == 10
 
-    dead = Future()
+    dead, started = Future(), Future()
     dead.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+    started.set_result(0)
     with pytest.raises(DataError, match="decode process died while decoding 2 files from a/0.png to a/1.png"):
-        list(stream._results(entries[:2], dead))
+        list(stream._results(entries[:2], dead, started))
+
+
+UNGUARDED = """
+import io, sys
+from functools import partial
+sys.path.insert(0, {root!r})
+import numpy as np
+from PIL import Image
+from components.config import DataConfig
+from components.data import stream
+from components.data.items import FileItem, Listing
+from components.data.pack import DatasetWriter
+from components.data.report import IngestReport
+from components.data.sources import DataError
+
+def png(seed):
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+stream.POOL_AFTER = 0  # straight to the decode processes
+cfg = DataConfig.model_validate({fields!r})
+entries = [FileItem(f"a/{{i}}.png", "a", partial(bytes, png(i))) for i in range(8)]
+writer = DatasetWriter(sys.argv[1], ["a"], (1, 16, 16), 4)
+try:
+    stream.ingest_files(Listing(["a"], entries), cfg, writer, IngestReport(sys.argv[1], ["a"]), processes=2)
+except DataError as exc:
+    print("DataError:", exc)
+    sys.exit(3)
+"""
+
+
+def test_an_ingest_from_a_script_without_a_main_guard_says_what_to_do(tmp_path):
+    """spawn imports the calling script in each decode process: unguarded, they cannot start."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "unguarded.py"
+    root = str(Path(__file__).resolve().parents[1])
+    script.write_text(UNGUARDED.format(root=root, fields=data_cfg().model_dump(mode="json")))
+    (tmp_path / "out").mkdir()
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "the decode processes could not start" in done.stdout
+    assert 'if __name__ == "__main__":' in done.stdout
 
 
 def test_a_source_that_fails_mid_way_stops_the_ingest_and_keeps_the_previous_dataset(tmp_path, monkeypatch):

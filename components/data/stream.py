@@ -125,19 +125,25 @@ def decoded(files: Iterator[FileItem], cfg: DataConfig, processes: int) -> Itera
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_decoder,
                              initargs=(DecodeRules.of(cfg),)) as pool:
+        started = pool.submit(int)  # fails only if no process could start
         pending: deque = deque()  # (items, future) per chunk in flight, oldest first
         for chunk in chunks:
             pending.append((chunk, pool.submit(_decode_chunk, [item.read for item in chunk])))
             if len(pending) >= processes * WINDOW_PER_WORKER:
-                yield _results(*pending.popleft())
+                yield _results(*pending.popleft(), started)
         while pending:
-            yield _results(*pending.popleft())
+            yield _results(*pending.popleft(), started)
 
 
-def _results(items: list[FileItem], future) -> list[tuple]:
+def _results(items: list[FileItem], future, started) -> list[tuple]:
     try:
         results = future.result()
-    except BrokenProcessPool:  # a decode process died (killed for memory, or a decoder crashed on a file)
+    except BrokenProcessPool:
+        if started.exception() is not None:
+            raise DataError("the decode processes could not start. They start with multiprocessing's spawn, which "
+                            "imports the script that called the ingest: call it under "
+                            "`if __name__ == \"__main__\":` (the child's traceback above says more)") from None
+        # A decode process died: killed for memory, or a decoder crashed on a file.
         raise DataError(f"a decode process died while decoding {len(items)} files from {items[0].origin} to "
                         f"{items[-1].origin}; if it was killed for memory, give the ingest more, else one of "
                         f"these files crashes the image decoder: remove it") from None
