@@ -9,6 +9,7 @@ COMMON = {"image_size": 28, "epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": 0,
 TINY = {
     "vae": {"latent_dim": 4, "width": 4, "beta": 1.0},
     "ae": {"latent_dim": 4, "width": 4, "denoise_std": 0.0},
+    "srresnet": {"scale": 4, "width": 4, "blocks": 1},
     "cvae": {"latent_dim": 4, "width": 4, "beta": 1.0},
     "dcgan": {"latent_dim": 8, "ngf": 4, "ndf": 4, "beta1": 0.5, "spectral_norm": False},
     "cgan": {"latent_dim": 8, "ngf": 4, "ndf": 4, "beta1": 0.5, "spectral_norm": False, "text_dim": 8},

@@ -162,7 +162,7 @@ def test_unknown_family_lists_valid_names():
 
 def test_build_model_unknown_family_raises():
     cfg = small_cfg("vae").model_copy(update={"family": "nope"})
-    with pytest.raises(ValueError, match="dcgan, vae"):
+    with pytest.raises(ValueError, match="valid: ae, .*dcgan, .*vae"):
         build_model(cfg, 1, 10)
 
 

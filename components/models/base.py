@@ -22,7 +22,8 @@ class StepOutput:
 # pyfunc dispatch on this, never on a family's name.
 #   generate:    {"count", "seed", + the family's conditions} → images
 #   reconstruct: {"images", "output": "reconstruction" | "latent"} → images or latent codes
-TaskKind = Literal["generate", "reconstruct"]
+#   translate:   {"images" (the family's input_shape), + "mask" when it takes_mask} → images
+TaskKind = Literal["generate", "reconstruct", "translate"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Family:
     build: Callable[..., "GenerativeModel"]  # (cfg, channels, classes: list of class names) -> model
     kind: TaskKind = "generate"
     conditions: tuple[str, ...] = ()  # request fields a generate model takes besides count/seed: "labels", "prompt"
+    # translate: (config, channels) -> C×H×W of the images a request sends (a 4x super-resolver: a quarter the size)
+    input_shape: Callable[..., tuple[int, int, int]] | None = None
+    takes_mask: bool = False  # translate: a request also sends "mask", uint8 N×1×H×W, 1 where to fill in
+    uses_evaluator: bool = False  # trained with the evaluator classifier's features (set_evaluator before fit)
 
 
 FAMILIES: Registry[Family] = Registry("model family")
@@ -114,3 +119,34 @@ class GenerativeModel(nn.Module):
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, generator=generator)  # drawn on the CPU: same seed, same images on any device
         return z.to(device)
+
+
+class TranslationModel(GenerativeModel):
+    """An image-to-image model (task kind "translate"), trained and judged as restoration: `degrade`
+    makes its input from a clean image by the family's documented degradation (a 4x bicubic
+    downscale, a mask, the grey of a colour image), `translate` maps such an input back to an image,
+    and `baselines` are the classical methods it must beat (bicubic upscaling; mean and nearest
+    fill; grey). PSNR, SSIM and the domain FID score `reconstruct` = translate(degrade(x)) against x,
+    with the degradation's randomness (masks) drawn from a seeded generator; for a family that takes
+    a mask, PSNR and SSIM are measured inside the mask."""
+
+    def degrade(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Clean images in [-1, 1] (N, C, H, W) → the model's inputs: {"images": (N, *input_shape)} in
+        [-1, 1], and {"mask": (N, 1, H, W) of 0/1, 1 where to fill in} for families that take a mask."""
+        raise NotImplementedError
+
+    def translate(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's inputs (as degrade makes them) → images in [-1, 1] (N, C, H, W)."""
+        raise NotImplementedError
+
+    def baselines(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What each classical method makes of the same inputs, by name ("bicubic"), in [-1, 1] (N, C, H, W)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.translate(self.degrade(x, generator))
+
+    def sample(self, n, generator=None, labels=None, prompts=None):
+        raise TypeError(f"the {self.cfg.family!r} family translates images, it does not sample: "
+                        f"use translate(degrade(images)) or a request with images")
