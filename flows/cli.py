@@ -171,11 +171,7 @@ def cmd_sample(args) -> None:
         request["labels"] = labels
     if args.prompt is not None:
         request["prompt"] = args.prompt
-    model, uri = _load_registered(args.model)
-    kind = getattr(model.unwrap_python_model(), "kind", "generate")  # models registered before task kinds sample
-    if kind != "generate":
-        raise UsageError(f"--model {args.model}: a {kind} model, not a sampler; reconstruct images with "
-                         f"`genpipe reconstruct --model {args.model} --in images.npy --out out.png`")
+    model, uri = _load_registered(args.model, "generate", "not a sampler")
     images = _predict(model, request, "sample")
     save_grid(torch.from_numpy(images), Path(args.out))
     print(f"wrote {images.shape[0]} samples from {uri} to {args.out}")
@@ -191,11 +187,7 @@ def cmd_reconstruct(args) -> None:
     if args.out.suffix not in (".png", ".npy") or (args.output == "latent" and args.out.suffix != ".npy"):
         allowed = ".npy" if args.output == "latent" else ".png (a grid) or .npy"
         raise UsageError(f"--out {args.out}: {args.output} output is written as {allowed}")
-    model, uri = _load_registered(args.model)
-    kind = getattr(model.unwrap_python_model(), "kind", "generate")
-    if kind != "reconstruct":
-        raise UsageError(f"--model {args.model}: a {kind} model, it does not reconstruct; draw samples with "
-                         f"`genpipe sample --model {args.model} --out grid.png`")
+    model, uri = _load_registered(args.model, "reconstruct", "it does not reconstruct")
     result = _predict(model, {"images": images, "output": args.output}, "reconstruct")
     if args.out.suffix == ".npy":
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +199,63 @@ def cmd_reconstruct(args) -> None:
         save_grid(torch.from_numpy(pairs.reshape(-1, *result.shape[1:])),
                   args.out, nrow=2 * min(4, images.shape[0]))
     print(f"wrote {args.output} of {images.shape[0]} image(s) from {uri} to {args.out}")
+
+
+def cmd_translate(args) -> None:
+    import torch
+
+    from components.evaluation.grid import save_grid
+
+    if args.out.suffix != ".png":
+        raise UsageError(f"--out {args.out}: the translated image is written as a .png")
+    for flag, path in (("--in", args.input), ("--mask", args.mask)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    model, uri = _load_registered(args.model, "translate", "it does not translate images")
+    schema = model.unwrap_python_model().schema
+    if schema.takes_mask != (args.mask is not None):
+        raise UsageError(f"--mask: this {schema.family} model " + (
+            "fills in a masked region: give --mask mask.png, white where to fill in" if schema.takes_mask
+            else "takes no mask; leave --mask out"))
+    request = {"images": _decode_image_file(args.input, "--in", schema.sent_shape, schema.sent_note)[None]}  # 1×C×h×w
+    if args.mask is not None:  # white (>= 128) marks where to fill in
+        grey = _decode_image_file(args.mask, "--mask", (1, *schema.sent_shape[1:]))
+        request["mask"] = (grey[None] >= 128).astype("uint8")  # 1×1×h×w
+    result = _predict(model, request, "translate")
+    save_grid(torch.from_numpy(result), args.out)  # one image: the image itself
+    print(f"wrote the translation of {args.input} by {uri} to {args.out}")
+
+
+def _decode_image_file(path: Path, flag: str, shape: tuple[int, int, int], note: str = ""):
+    """uint8 C×H×W pixels of one image file of exactly that size, decoded and checked by the ingestion
+    code; `note` says what that size means."""
+    from components.data.validate import DecodeRules, ImageRejected, decode_image
+
+    channels, height, width = shape
+    data = path.read_bytes()
+    size = _header_size(data)
+    if size is not None and size != (width, height):  # before decoding: a larger image costs nothing
+        raise UsageError(f"{flag} {path}: {size[0]}x{size[1]} pixels; the model takes {width}x{height} images{note}")
+    try:  # the header gave the size: no more pixels than the model takes are ever decoded
+        pixels, _ = decode_image(data, DecodeRules(max_pixels=height * width, channels=channels,
+                                                   image_size=height, resize=False))
+    except ImageRejected as exc:
+        raise UsageError(f"{flag} {path}: {exc.reason}") from None
+    return pixels
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image file's header, or None when it has none that PIL reads (then
+    decoding says what is wrong with the file)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:
+        return None
 
 
 def _parse_labels(text: str | None) -> list[int] | None:
@@ -237,17 +286,29 @@ def _read_images(path: Path):
     raise UsageError(f"--in {path}: expected a .npy array of uint8 N×C×H×W images or one .png image")
 
 
-def _load_registered(name_alias: str):
-    """The pyfunc of NAME@ALIAS (NAME alone: its latest version), and its URI."""
+# The command for a model of each task kind, for an error telling a user they called another.
+KIND_COMMANDS = {"generate": "draw samples with `genpipe sample --model {model} --out grid.png`",
+                 "reconstruct": "reconstruct images with `genpipe reconstruct --model {model} --in images.npy --out out.png`",
+                 "translate": "translate an image with `genpipe translate --model {model} --in in.png --out out.png`"}
+
+
+def _load_registered(name_alias: str, kind: str, refusal: str):
+    """The pyfunc of NAME@ALIAS (NAME alone: its latest version), and its URI; a model of another
+    task kind than `kind` is refused with `refusal` ("not a sampler") and the command it answers."""
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
     name, _, alias = name_alias.partition("@")
     uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/latest"
     try:
-        return mlflow.pyfunc.load_model(uri), uri
+        model = mlflow.pyfunc.load_model(uri)
     except MlflowException as exc:
         raise UsageError(f"--model {name_alias}: {exc.message.rstrip('.')}. Registered: {_registered_models()}") from None
+    found = getattr(model.unwrap_python_model(), "kind", "generate")  # models registered before task kinds sample
+    if found != kind:
+        raise UsageError(f"--model {name_alias}: a {found} model, {refusal}; "
+                         + KIND_COMMANDS[found].format(model=name_alias))
+    return model, uri
 
 
 def _predict(model, request: dict, what: str):
@@ -391,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npy of uint8 N×C×H×W images, or one .png image")
     p.add_argument("--output", choices=["reconstruction", "latent"], default="reconstruction")
     p.add_argument("--out", type=Path, required=True, help=".png grid (input beside reconstruction) or .npy array")
+    p = add("translate", cmd_translate, "make a new image of one image file with a registered translate model "
+                                        "(super-resolution, inpainting)")
+    p.add_argument("--model", required=True, help="NAME@ALIAS, e.g. fashion-mnist-srresnet@champion")
+    p.add_argument("--in", dest="input", type=Path, required=True,
+                   help="an image file (PNG, JPEG, ...) of the model's input size: for super-resolution the "
+                        "low-resolution image")
+    p.add_argument("--mask", type=Path, help="an image file of the same size, white where to fill in (inpainting models)")
+    p.add_argument("--out", type=Path, required=True, help=".png of the translated image")
     p = add("promote", cmd_promote, "make a registered version the champion, recorded in the audit trail")
     p.add_argument("name", metavar="NAME", help="registered model, e.g. fashion-mnist-dcgan")
     p.add_argument("version", metavar="VERSION")

@@ -38,24 +38,41 @@ def _generate_example(schema: RequestSchema) -> dict:
     return example
 
 
+def _two_images(shape: tuple[int, int, int]) -> np.ndarray:
+    """uint8 2×C×H×W: a dark image with a light square in its middle, and its negative."""
+    _, height, width = shape
+    image = np.full(shape, 20, dtype=np.uint8)
+    image[:, height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 235
+    return np.stack([image, 255 - image])
+
+
 def _reconstruct_example(schema: RequestSchema) -> dict:
-    # Two images: a dark one with a light square, and its negative.
-    size = schema.image_size
-    image = np.full((schema.channels, size, size), 20, dtype=np.uint8)
-    image[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 235
-    return {"images": np.stack([image, 255 - image])}
+    return {"images": _two_images(schema.sent_shape)}
 
 
-EXAMPLES = {"generate": _generate_example, "reconstruct": _reconstruct_example}
+def _translate_example(schema: RequestSchema) -> dict:
+    example = {"images": _two_images(schema.sent_shape)}  # at the family's input shape (low resolution, for SR)
+    if schema.takes_mask:  # fill in the middle square of each
+        _, height, width = schema.sent_shape
+        mask = np.zeros((2, 1, height, width), dtype=np.uint8)
+        mask[..., height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 1
+        example["mask"] = mask
+    return example
+
+
+EXAMPLES = {"generate": _generate_example, "reconstruct": _reconstruct_example, "translate": _translate_example}
 
 
 def description(schema: RequestSchema) -> str:
     """Markdown for the registry version's page: the request fields, with a call of each shape."""
     example = input_example(schema)
-    shown = {k: ("<uint8 N×C×H×W>" if k == "images" else v) for k, v in example.items()}
+    shown = {k: (f"<uint8 N×{'×'.join(map(str, v.shape[1:]))}>" if isinstance(v, np.ndarray) else v)
+             for k, v in example.items()}
     scalars = [name for name in schema.fields if FIELDS[name].param_type is not None]
-    lines = [f"A genpipe **{schema.family}** model ({schema.kind}); images {schema.image_shape}.",
-             "", "Request fields:", ""]
+    sent = "×".join(map(str, schema.sent_shape))
+    images = (f"images {schema.image_shape}" if sent == schema.image_shape
+              else f"takes images {sent} and returns images {schema.image_shape}")
+    lines = [f"A genpipe **{schema.family}** model ({schema.kind}); {images}.", "", "Request fields:", ""]
     lines += [f"- `{name}`: {FIELDS[name].doc}" for name in schema.fields]
     if "labels" in schema.conditions or "prompt" in schema.conditions:
         lines += ["", f"Classes: {schema.describe_classes()}."]

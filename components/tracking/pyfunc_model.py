@@ -9,6 +9,8 @@ components/tracking/requests.py):
                 "prompt": "one text for all images" or [one text per image]} → uint8 N×C×H×W
   reconstruct: {"images": uint8 N×C×H×W, "output": "reconstruction" | "latent"}
                → uint8 N×C×H×W reconstructions, or float32 N×latent_dim codes
+  translate:   {"images": uint8 N×(the family's input shape), + "mask": uint8 N×1×H×W of 0/1, 1 where
+                to fill in, for families that take one} → uint8 N×C×H×W
 and "format": "png" or "png_grid" answers images as base64 PNGs instead of uint8 arrays.
 """
 from __future__ import annotations
@@ -74,7 +76,18 @@ def _reconstruct(model, request: dict) -> np.ndarray:
     return reconstruct_uint8(model, images).numpy()
 
 
-TASKS: dict[str, Callable[[Any, dict], np.ndarray]] = {"generate": _generate, "reconstruct": _reconstruct}
+def _translate(model, request: dict) -> np.ndarray:
+    import torch
+
+    from components.evaluation.grid import translate_uint8
+
+    mask = request.get("mask")
+    return translate_uint8(model, torch.from_numpy(request["images"]),
+                           None if mask is None else torch.from_numpy(mask)).numpy()
+
+
+TASKS: dict[str, Callable[[Any, dict], np.ndarray]] = {"generate": _generate, "reconstruct": _reconstruct,
+                                                       "translate": _translate}
 
 
 def _base64_png(images: np.ndarray) -> str:

@@ -18,7 +18,8 @@ OUTPUTS = ("reconstruction", "latent")
 FORMATS = ("uint8", "png", "png_grid")
 # What a model of each kind does, for errors telling a caller they sent the other kind's request.
 KIND_DOES = {"generate": "it generates images",
-             "reconstruct": "it reconstructs the images it is sent, it does not sample"}
+             "reconstruct": "it reconstructs the images it is sent, it does not sample",
+             "translate": "it makes one new image of each image it is sent, it does not sample"}
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,15 @@ FIELDS: dict[str, Field] = {
     "labels": Field("one class id per image", None),
     "prompt": Field("a text naming a class, for all images (or a list of one text per image)", "string"),
     "images": Field("uint8 pixels N×C×H×W (integers 0..255)", None),
+    "mask": Field("uint8 N×1×H×W, one per image, of 0 and 1 only: 1 where to fill in, 0 where the image is kept "
+                  "(a mask of 0 only is fine)", None),
     "output": Field("'reconstruction' (default: uint8 images) or 'latent' (float32 codes N×latent_dim)", "string"),
     "format": Field("'uint8' (default: N×C×H×W pixels), 'png' (one base64 PNG per image) or "
                     "'png_grid' (one base64 PNG of all images)", "string"),
 }
 KIND_FIELDS: dict[str, tuple[str, ...]] = {"generate": ("count", "seed", "format"),
-                                           "reconstruct": ("images", "output", "format")}
+                                           "reconstruct": ("images", "output", "format"),
+                                           "translate": ("images", "format")}
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class RequestSchema:
     channels: int
     image_size: int
     classes: tuple[str, ...]
+    # translate: C×H×W of the images a request sends, when not the model's own image shape (a 4x
+    # super-resolver takes images a quarter the size); and whether a request also sends "mask"
+    input_shape: tuple[int, int, int] | None = None
+    takes_mask: bool = False
 
     @classmethod
     def of(cls, spec: dict) -> "RequestSchema":
@@ -66,17 +74,36 @@ class RequestSchema:
             raise ValueError(f"family {spec['family']!r} declares request condition(s) {unknown} that the "
                              f"registered model cannot parse; known: {', '.join(CONDITION_PARSERS)}")
         classes = class_names(spec["num_classes"], spec.get("classes"))
+        input_shape = None
+        if family.input_shape is not None:
+            input_shape = tuple(family.input_shape(family.config.model_validate(spec["config"]), int(spec["channels"])))
         return cls(family=spec["family"], kind=family.kind, conditions=tuple(family.conditions),
                    channels=int(spec["channels"]), image_size=int(spec["config"]["image_size"]),
-                   classes=tuple(classes))
+                   classes=tuple(classes), input_shape=input_shape, takes_mask=family.takes_mask)
 
     @property
     def fields(self) -> tuple[str, ...]:
-        return (*KIND_FIELDS[self.kind], *self.conditions)
+        return (*KIND_FIELDS[self.kind], *(("mask",) if self.takes_mask else ()), *self.conditions)
 
     @property
     def image_shape(self) -> str:
+        """C×H×W of the images the model makes."""
         return f"{self.channels}×{self.image_size}×{self.image_size}"
+
+    @property
+    def sent_shape(self) -> tuple[int, int, int]:
+        """C×H×W of the images a request sends."""
+        return self.input_shape or (self.channels, self.image_size, self.image_size)
+
+    @property
+    def sent_note(self) -> str:
+        """What a caller sending images of the wrong size should know: a model that enlarges its
+        inputs takes the low-resolution images, not images of the size it returns."""
+        side = self.sent_shape[-1]
+        if side >= self.image_size:
+            return ""
+        return (f" (the low-resolution inputs, {self.image_size // side}x smaller than the "
+                f"N×{self.image_shape} images it returns)")
 
     def describe_classes(self) -> str:
         return ", ".join(f"{i} {name}" for i, name in enumerate(self.classes))
@@ -206,23 +233,32 @@ def _parse_reconstruct(fields: dict, schema: RequestSchema) -> dict:
     return {"images": _parse_images(fields["images"], schema), "output": output}
 
 
-def _parse_images(images: Any, schema: RequestSchema) -> np.ndarray:
-    expected = (schema.channels, schema.image_size, schema.image_size)
-    try:
-        array = np.asarray(images)
-    except ValueError:  # ragged nested lists
-        raise ValueError(f"images: must be a regular N×{schema.image_shape} array of pixels; "
-                         f"the nested lists have different lengths") from None
-    if array.ndim == 5 and array.shape[0] == 1:  # {"instances": [{"images": ...}]}: one instance
-        array = array[0]
-    if array.ndim != 4:
-        raise ValueError(f"images: must be 4-d N×C×H×W, got shape {array.shape} "
-                         f"(one image is 1×{schema.image_shape})")
-    if tuple(array.shape[1:]) != expected:
-        raise ValueError(f"images: this {schema.family} model takes N×{schema.image_shape} images, "
-                         f"got N×{'×'.join(map(str, array.shape[1:]))}")
-    if not 1 <= array.shape[0] <= MAX_COUNT:
-        raise ValueError(f"images: send 1..{MAX_COUNT} images per request, got {array.shape[0]}")
+def _parse_translate(fields: dict, schema: RequestSchema) -> dict:
+    if "images" not in fields:
+        raise ValueError(f"images: missing; send uint8 images N×{_dims(schema.sent_shape)} to this {schema.family} "
+                         f"model{schema.sent_note}")
+    images = _parse_images(fields["images"], schema, schema.sent_shape, schema.sent_note)
+    return {"images": images, **({"mask": _parse_mask(fields, schema, len(images))} if schema.takes_mask else {})}
+
+
+def _parse_mask(fields: dict, schema: RequestSchema, count: int) -> np.ndarray:
+    """One 0/1 mask per image, uint8 N×1×H×W: 1 where to fill in. 0/255 is refused rather than read
+    as 0/1, so a caller never has a mask of another convention silently misread."""
+    expected = (1, *schema.sent_shape[1:])
+    if "mask" not in fields:
+        raise ValueError(f"mask: missing; send one uint8 mask N×{_dims(expected)} per image, 1 where to fill in")
+    mask = _request_array(fields["mask"], "mask", expected, schema, what="mask", count=count)
+    if mask.dtype.kind not in "iub" or (mask.size and (mask.min() < 0 or mask.max() > 1)):
+        raise ValueError(f"mask: must be integers 0 or 1 (1 where to fill in; not 0/255), got dtype {mask.dtype}"
+                         + (f" with values {mask.min()}..{mask.max()}" if mask.dtype.kind in "iuf" else ""))
+    return np.ascontiguousarray(mask.astype(np.uint8, copy=False))
+
+
+def _parse_images(images: Any, schema: RequestSchema, expected: tuple[int, int, int] | None = None,
+                  note: str = "") -> np.ndarray:
+    """The request's images: uint8 N×`expected` (default: the model's own image shape), N in 1..MAX_COUNT."""
+    array = _request_array(images, "images", expected or (schema.channels, schema.image_size, schema.image_size),
+                           schema, note=note)
     if array.dtype != np.uint8:
         # JSON carries integers, not uint8: accept integer pixels that fit.
         if array.dtype.kind not in "iu" or (array.size and (array.min() < 0 or array.max() > 255)):
@@ -230,6 +266,33 @@ def _parse_images(images: Any, schema: RequestSchema) -> np.ndarray:
                              + (f" with values {array.min()}..{array.max()}" if array.dtype.kind in "iuf" else ""))
         array = array.astype(np.uint8)
     return np.ascontiguousarray(array)
+
+
+def _request_array(value: Any, field: str, expected: tuple[int, int, int], schema: RequestSchema,
+                   what: str = "image", note: str = "", count: int | None = None) -> np.ndarray:
+    """A request field as an array N×`expected`, N being `count` if given, else in 1..MAX_COUNT; its
+    values are the caller's to check. `note` tells a caller what the expected shape means."""
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged nested lists
+        raise ValueError(f"{field}: must be a regular N×{_dims(expected)} array; "
+                         f"the nested lists have different lengths") from None
+    if array.ndim == 5 and array.shape[0] == 1:  # {"instances": [{"images": ...}]}: one instance
+        array = array[0]
+    if array.ndim != 4:
+        raise ValueError(f"{field}: must be 4-d N×C×H×W, got shape {array.shape} (one {what} is 1×{_dims(expected)})")
+    if count is not None and array.shape[0] != count:
+        raise ValueError(f"{field}: need one {what} per image ({count}), got {array.shape[0]}")
+    if tuple(array.shape[1:]) != expected:
+        raise ValueError(f"{field}: this {schema.family} model takes N×{_dims(expected)} {what}s{note}, "
+                         f"got N×{_dims(array.shape[1:])}")
+    if not 1 <= array.shape[0] <= MAX_COUNT:
+        raise ValueError(f"{field}: send 1..{MAX_COUNT} images per request, got {array.shape[0]}")
+    return array
+
+
+def _dims(shape) -> str:
+    return "×".join(map(str, shape))
 
 
 def _parse_format(fields: dict, parsed: dict) -> str:
@@ -242,7 +305,7 @@ def _parse_format(fields: dict, parsed: dict) -> str:
 
 
 KIND_PARSERS: dict[str, Callable[[dict, RequestSchema], dict]] = {
-    "generate": _parse_generate, "reconstruct": _parse_reconstruct}
+    "generate": _parse_generate, "reconstruct": _parse_reconstruct, "translate": _parse_translate}
 # Every condition a generate family may declare, with its parser (value, count, schema) → value.
 CONDITION_PARSERS: dict[str, Callable[[Any, int, RequestSchema], Any]] = {"labels": _parse_labels,
                                                                          "prompt": _parse_prompt}
