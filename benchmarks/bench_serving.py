@@ -116,7 +116,7 @@ def register_untrained(family: str, home: Path) -> tuple[str, str]:
     save_trained_model(model, {"family": family, "config": cfg.model_dump(mode="json"),
                                "channels": params.data.channels, "num_classes": len(classes), "classes": classes,
                                "dataset": "bench", "dataset_version": "untrained", "steps": 0}, model_dir)
-    write_json({params.registry.gating_metric: 1000.0}, eval_dir / "metrics.json")
+    write_json({params.registry.metric_for("generate"): 1000.0}, eval_dir / "metrics.json")
     write_json({"evaluator": "none", "num_samples": 0, "seed": 0}, eval_dir / "protocol.json")
     save_grid(sample_uint8(model, 4, 0), eval_dir / "grid.png")
     lineage = {"dataset_version": "untrained", "evaluator_md5": "none", "model_md5": f"untrained-{family}",

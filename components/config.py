@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationInfo, field_validator
 
+from components.evaluation.gating import GatingMetric
+
 PARAMS_FILE = "params.yaml"
 
 
@@ -132,22 +134,40 @@ class EvaluateConfig(Frozen):
     augment: AugmentConfig
 
 
+# What a registered model does with a request (components/models/base.py documents each).
+TaskKind = Literal["generate", "reconstruct", "translate"]
+
+
 class RegistryConfig(Frozen):
-    gating_metric: Literal["fid", "kid"]
+    # Lower is better for fid and kid, higher for psnr, ssim and psnr_gain (translate models): the
+    # direction is declared once, in components/evaluation/gating.py, and the gate follows it. One
+    # metric for every model, or one per task kind: {generate: fid, reconstruct: fid, translate: psnr}.
+    gating_metric: GatingMetric | dict[TaskKind, GatingMetric]
     # One margin per metric: FID is in the tens, KID in thousandths, so a FID margin is no KID margin.
-    min_improvement: dict[Literal["fid", "kid"], Annotated[float, Field(ge=0)]]
+    min_improvement: dict[GatingMetric, Annotated[float, Field(ge=0)]]
 
     # When the champion cannot be scored under today's protocol (its code no longer loads), a
-    # challenger is promoted on its own score if it is at most this ceiling.
-    ceiling: dict[Literal["fid", "kid"], Annotated[float, Field(gt=0)]]
+    # challenger is promoted on its own score if it is no worse than this bound: at most it for a
+    # lower-is-better metric (a ceiling), at least it for a higher-is-better one (a floor).
+    ceiling: dict[GatingMetric, Annotated[float, Field(gt=0)]]
 
     @field_validator("min_improvement", "ceiling")
     @classmethod
     def _value_for_gating_metric(cls, value: dict, info: ValidationInfo) -> dict:
-        metric = info.data.get("gating_metric")
-        if metric is not None and metric not in value:
-            raise ValueError(f"no value for the gating metric {metric!r}; add registry.{info.field_name}.{metric}")
+        gating = info.data.get("gating_metric")
+        for metric in [gating] if isinstance(gating, str) else (gating or {}).values():
+            if metric not in value:
+                raise ValueError(f"no value for the gating metric {metric!r}; add registry.{info.field_name}.{metric}")
         return value
+
+    def metric_for(self, kind: str) -> str:
+        """The metric that gates models of task kind `kind`."""
+        if isinstance(self.gating_metric, str):
+            return self.gating_metric
+        if kind not in self.gating_metric:
+            raise ConfigError(f"registry.gating_metric names no metric for {kind} models; add "
+                              f"registry.gating_metric.{kind} (e.g. {'psnr' if kind == 'translate' else 'fid'})")
+        return self.gating_metric[kind]
 
 
 class DeployConfig(Frozen):
@@ -170,7 +190,7 @@ class DeployConfig(Frozen):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone; use an IANA name such as UTC or Europe/Berlin") from None
+            raise ValueError("unknown time zone; use an IANA name such as UTC or Europe/Berlin") from None
         return value
 
 

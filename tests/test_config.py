@@ -43,7 +43,7 @@ def test_shipped_params_load():
 
 def test_unknown_model_name_is_config_error():
     params = load_params(PARAMS)
-    with pytest.raises(ConfigError, match=r"train\.nope: no such model.*'dcgan', 'vae'"):
+    with pytest.raises(ConfigError, match=r"train\.nope: no such model.*'dcgan'.*'vae'"):
         params.model("nope")
 
 

@@ -10,7 +10,7 @@ import torch
 from components.config import ClassifierConfig, EvaluateConfig
 from components.evaluation.classifier import Classifier
 from components.evaluation.grid import evaluation_images, save_grid
-from components.evaluation.metrics import METRICS, EvalContext
+from components.evaluation.metrics import METRICS, EvalContext, skipped_for_kind
 from components.images import resize, to_model_input
 from components.models.base import GenerativeModel, TaskKind
 
@@ -48,7 +48,9 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
     (class ids of real_u8) let a conditional model's ELBO and CAS be measured; `train_u8` (real
     training images) the dataset's fid_floor, with `train_labels` augment; `classifier_config` (the
     `classifier:` params) CAS and augment; `inception` (the inception stage's reference) and the
-    model's task `kind` the inception metric.
+    model's task `kind` the inception metric and which images are paired (a translate model's are
+    restorations of the reference: its psnr and ssim). Metrics that mean nothing for the kind
+    (metrics.NOT_FOR_KIND) are skipped; skipped_for_kind says why.
     """
     pick = reference_indices(real_u8.shape[0], cfg)
     real_u8 = real_u8[pick]
@@ -73,8 +75,10 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
     results: dict[str, float] = {"num_samples": real_u8.shape[0]}
     with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global RNG: same model, same score
         torch.manual_seed(cfg.seed)
+        skipped = skipped_for_kind(cfg.metrics, kind)
         for name in cfg.metrics:
-            results.update(METRICS.get(name)(ctx))
+            if name not in skipped:
+                results.update(METRICS.get(name)(ctx))
     bad = {k: v for k, v in results.items() if not math.isfinite(v)}
     if bad:
         raise NonFiniteMetric(f"evaluation produced non-finite metric(s) {bad}; nothing is registered from it")
@@ -95,22 +99,34 @@ def evaluate_model(model: GenerativeModel, classifier: Classifier, real_u8: torc
                             train_u8=train_u8, train_labels=train_labels, classifier_config=classifier_config,
                             inception=inception, kind=kind)
     if grid_path is not None:
-        images, nrow = GRIDS[kind](fake, reference, cfg.grid_size, model.image_size)
+        images, nrow = GRIDS[kind](model, fake, reference, cfg.grid_size, cfg.seed)
         save_grid(images, grid_path, nrow=nrow)
     return results
 
 
-def _sample_grid(fake: torch.Tensor, reference: torch.Tensor, grid_size: int, image_size: int):
+def _sample_grid(model: GenerativeModel, fake: torch.Tensor, reference: torch.Tensor, grid_size: int, seed: int):
     return fake[:grid_size], None
 
 
-def _reconstruction_grid(fake: torch.Tensor, reference: torch.Tensor, grid_size: int, image_size: int):
+def _reconstruction_grid(model: GenerativeModel, fake: torch.Tensor, reference: torch.Tensor, grid_size: int,
+                         seed: int):
     """Each real image beside its reconstruction: pairs side by side, as square a grid as fits."""
     pairs = max(1, min(grid_size // 2, fake.shape[0]))
-    real = resize(reference[:pairs].float(), image_size).round().clamp(0, 255).to(torch.uint8)
+    real = resize(reference[:pairs].float(), model.image_size).round().clamp(0, 255).to(torch.uint8)
     interleaved = torch.stack([real, fake[:pairs]], dim=1).flatten(0, 1)  # (2·pairs, C, H, W): real, recon, …
     return interleaved, 2 * max(1, round(math.sqrt(pairs / 2)))
 
 
-# What an evaluation's grid shows, by task kind: (images, nrow or None for a square grid).
-GRIDS = {"generate": _sample_grid, "reconstruct": _reconstruction_grid}
+def _restoration_grid(model: GenerativeModel, fake: torch.Tensor, reference: torch.Tensor, grid_size: int,
+                      seed: int):
+    """The lecture's super-resolution figure: per held-out image its input, each baseline, the
+    model's restoration (`fake`) and the original, each with its PSNR and SSIM; as many rows as
+    grid_size images fill."""
+    from components.evaluation.restoration import figure_tiles
+
+    return figure_tiles(model, fake, reference, seed, rows=grid_size, max_tiles=grid_size)
+
+
+# What an evaluation's grid shows, by task kind: (images, nrow or None for a square grid), from
+# (model, its images as evaluation_images makes them, the reference they were made from, grid_size, seed).
+GRIDS = {"generate": _sample_grid, "reconstruct": _reconstruction_grid, "translate": _restoration_grid}

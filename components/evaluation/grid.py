@@ -88,6 +88,24 @@ def reconstruct_uint8(model, images_u8: torch.Tensor, batch_size: int = 500) -> 
 
 
 @torch.no_grad()
+def translate_uint8(model, images_u8: torch.Tensor, mask_u8: torch.Tensor | None = None,
+                    batch_size: int = 500) -> torch.Tensor:
+    """What a translate model makes of uint8 inputs N×C×h×w (its family's input shape, not resized)
+    and, for a family that takes one, masks N×1×h×w of 0/1 (1 where to fill in): uint8 N×C×H×W."""
+    device = next(model.parameters()).device
+    model.eval()
+    chunks = []
+    for start in range(0, images_u8.shape[0], batch_size):
+        inputs = {"images": to_model_input(images_u8[start:start + batch_size], images_u8.shape[-1], device)}
+        if mask_u8 is not None:
+            inputs["mask"] = mask_u8[start:start + batch_size].to(device).float()
+        images = model.translate(inputs)  # (n, C, H, W) in [-1, 1]
+        _check_finite(images, f"translations (from image {start})")
+        chunks.append(to_uint8(images.cpu()))
+    return torch.cat(chunks) if chunks else _empty(model)
+
+
+@torch.no_grad()
 def encode_latents(model, images_u8: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Latent codes of uint8 images N×C×H×W (resized to the model's resolution), float32 N×latent_dim."""
     device = next(model.parameters()).device
@@ -97,11 +115,19 @@ def encode_latents(model, images_u8: torch.Tensor, batch_size: int = 500) -> tor
     return torch.cat(codes) if codes else torch.zeros(0, model.latent_dim)
 
 
+def _restorations(model, reference_u8: torch.Tensor, seed: int) -> torch.Tensor:
+    from components.evaluation.restoration import restore_uint8
+
+    return restore_uint8(model, reference_u8, seed)
+
+
 # The images an evaluation scores against the reference (held-out real) images, by the model's task
-# kind: a sampler's samples, as many as the reference holds; a reconstructor's reconstructions of them.
+# kind: a sampler's samples, as many as the reference holds; a reconstructor's reconstructions of them;
+# a translator's restorations of them, degraded at the seed (restoration.py).
 EVALUATION_IMAGES = {
     "generate": lambda model, reference_u8, seed: sample_uint8(model, reference_u8.shape[0], seed),
     "reconstruct": lambda model, reference_u8, seed: reconstruct_uint8(model, reference_u8),
+    "translate": _restorations,
 }
 
 

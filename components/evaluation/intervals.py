@@ -12,6 +12,8 @@ image, as its unbiased estimator leaves out i = j, so its b is about 0.
 A resample is held as counts c (how often each image was drawn), so a replicate's statistics are
 count-weighted sums over the original features: no resampled copies. Memory is B × d² numbers for
 FID's covariances (26 MB at d = 128, B = 200; 6.7 GB at Inception's d = 2048: lower B there).
+Means of per-image scores (a translate model's PSNR and SSIM) get their interval the same way,
+resampling the images.
 """
 from __future__ import annotations
 
@@ -115,5 +117,17 @@ def bootstrap_interval(metric: str, real: torch.Tensor, fake: torch.Tensor, samp
     ones = (torch.ones(1, real.shape[0], dtype=torch.float64), torch.ones(1, fake.shape[0], dtype=torch.float64))
     estimate = REPLICATES[metric](real, fake, *ones)[0]  # the statistic on the sets themselves
     bias = float(replicates.mean() - estimate)
+    low, high = percentile_interval(replicates, alpha)
+    return low - bias, high - bias
+
+
+def mean_interval(values: torch.Tensor, samples: int, alpha: float, seed: int) -> tuple[float, float]:
+    """Bias-corrected percentile interval of the mean of per-image scores (PSNR, SSIM, PSNR gain),
+    over `samples` resamples of the images, by the same procedure as FID's and KID's (a mean's bias
+    is about 0)."""
+    values = values.double().flatten()
+    counts = resample_counts(values.shape[0], samples, torch.Generator().manual_seed(seed))
+    replicates = counts @ values / values.shape[0]  # (samples,)
+    bias = float(replicates.mean() - values.mean())
     low, high = percentile_interval(replicates, alpha)
     return low - bias, high - bias

@@ -20,13 +20,14 @@ import torch
 
 from components.config import AugmentConfig, BootstrapConfig, ClassifierConfig
 from components.evaluation.classifier import Classifier, accuracy, train_classifier
-from components.images import to_model_input
+from components.images import to_model_input, to_uint8
 from components.models.base import GenerativeModel
 from components.registry import Registry
 
 if TYPE_CHECKING:
     from components.evaluation import features as F
     from components.evaluation.inception import InceptionReference
+    from components.evaluation.restoration import RestorationScores
 
 # A perfect reconstruction has PSNR +inf, and a non-finite metric fails the evaluation: each image's
 # PSNR is capped here (an error below 1e-10 of the range, far under one 8-bit grey level's 1.5e-5).
@@ -80,6 +81,23 @@ class EvalContext:
         device = next(self.model.parameters()).device
         return torch.cat([self.model.reconstruct(x.to(device)).cpu() for x in self.real.split(self.batch_size)])
 
+    @cached_property
+    def restoration(self) -> RestorationScores:
+        """A translate model's per-image PSNR and SSIM, and every baseline's, of `real` (restoration.py)."""
+        from components.evaluation.restoration import score_restorations
+
+        return score_restorations(self.model, to_uint8(self.real.cpu()), self.seed)
+
+    def with_mean_interval(self, metric: str, per_image: torch.Tensor) -> dict[str, float]:
+        """{metric: the mean of per-image scores (N,)}, with its bootstrap interval over images."""
+        from components.evaluation.intervals import mean_interval
+
+        out = {metric: float(per_image.double().mean())}
+        if self.bootstrap is not None:
+            low, high = mean_interval(per_image, self.bootstrap.samples, self.bootstrap.alpha, self.seed)
+            out.update({f"{metric}_ci_low": low, f"{metric}_ci_high": high})
+        return out
+
     def with_interval(self, metric: str, value: float) -> dict[str, float]:
         from components.evaluation.intervals import bootstrap_interval
         
@@ -92,6 +110,27 @@ class EvalContext:
 
 
 METRICS: Registry[Callable[[EvalContext], dict[str, float]]] = Registry("metric")
+
+# Metrics that mean nothing for a task kind, and why: the evaluation skips them and says so.
+# (A metric that merely lacks its inputs, such as cas without labels, returns {} instead.)
+NOT_FOR_KIND: dict[str, dict[str, str]] = {
+    "translate": {
+        "class_coverage": "a translate model restores the reference images, so its outputs' classes are the "
+                          "reference's: coverage would measure the inputs, not the model",
+        "inception_score": "the outputs' class spread is the reference's (restorations of it): the score would "
+                           "measure the inputs, not the model",
+        "cas": "a translate model draws no labelled samples to train a classifier on",
+        "augment": "a translate model draws no labelled samples to add to scarce real data",
+        "elbo": "a translate model declares no likelihood",
+        "recon_mse": "psnr measures a translate model's restoration error (inside the mask where there is one)",
+    },
+}
+
+
+def skipped_for_kind(metrics: list[str], kind: str) -> dict[str, str]:
+    """Which of `metrics` an evaluation of a `kind` model skips, and why."""
+    reasons = NOT_FOR_KIND.get(kind, {})
+    return {name: reasons[name] for name in metrics if name in reasons}
 
 
 @METRICS.register("fid")
@@ -204,7 +243,12 @@ def _unit_range(images: torch.Tensor) -> torch.Tensor:
 
 @METRICS.register("psnr")
 def psnr(ctx: EvalContext) -> dict[str, float]:
-    """Mean per-image PSNR (dB, data range [0, 1]) of reconstructions, each capped at PSNR_CAP_DB."""
+    """Mean per-image PSNR (dB, data range [0, 1]) of reconstructions, each capped at PSNR_CAP_DB.
+    A translate model's (restoration.py): `psnr` with its interval, `psnr_<baseline>` for each
+    classical baseline of the same inputs, and `psnr_gain` (with its interval, paired per image) over
+    the best baseline; inside the mask for a family that takes one."""
+    if ctx.kind == "translate":
+        return _translate_psnr(ctx)
     if not hasattr(ctx.model, "reconstruct"):
         return {}
     from torchmetrics.functional.image import peak_signal_noise_ratio
@@ -214,9 +258,27 @@ def psnr(ctx: EvalContext) -> dict[str, float]:
     return {"psnr": float(per_image.clamp(max=PSNR_CAP_DB).mean())}
 
 
+def _translate_psnr(ctx: EvalContext) -> dict[str, float]:
+    from components.evaluation.restoration import MODEL
+
+    if ctx.model is None:
+        return {}
+    scores = ctx.restoration.psnr
+    out = ctx.with_mean_interval("psnr", scores[MODEL])
+    out.update({f"psnr_{name}": float(values.double().mean()) for name, values in scores.items() if name != MODEL})
+    best = ctx.restoration.best_baseline()
+    if best is not None:
+        out.update(ctx.with_mean_interval("psnr_gain", scores[MODEL] - scores[best]))
+    return out
+
+
 @METRICS.register("ssim")
 def ssim(ctx: EvalContext) -> dict[str, float]:
-    """Mean SSIM (Wang et al., 2004; 11-px Gaussian window, data range [0, 1]) of reconstructions."""
+    """Mean SSIM (Wang et al., 2004; 11-px Gaussian window, data range [0, 1]) of reconstructions.
+    A translate model's (restoration.py): `ssim` with its interval and `ssim_<baseline>` for each
+    classical baseline; inside the mask for a family that takes one."""
+    if ctx.kind == "translate":
+        return _translate_ssim(ctx)
     if not hasattr(ctx.model, "reconstruct"):
         return {}
     from torchmetrics.functional.image import structural_similarity_index_measure
@@ -225,6 +287,17 @@ def ssim(ctx: EvalContext) -> dict[str, float]:
     per_image = torch.cat([structural_similarity_index_measure(r, x, data_range=1.0, reduction="none")
                            for r, x in zip(recon.split(ctx.batch_size), real.split(ctx.batch_size))])
     return {"ssim": float(per_image.mean())}
+
+
+def _translate_ssim(ctx: EvalContext) -> dict[str, float]:
+    from components.evaluation.restoration import MODEL
+
+    if ctx.model is None:
+        return {}
+    scores = ctx.restoration.ssim
+    out = ctx.with_mean_interval("ssim", scores[MODEL])
+    out.update({f"ssim_{name}": float(values.double().mean()) for name, values in scores.items() if name != MODEL})
+    return out
 
 
 @METRICS.register("elbo")

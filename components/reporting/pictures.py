@@ -1,5 +1,6 @@
-"""Pictures for a registered version's report: an interpolation strip and the nearest real
-neighbours of its samples (a memorisation check). Both work on uint8 images N×C×H×W."""
+"""Pictures for a registered version's report: an interpolation strip (a translate model's
+restoration figure) and the nearest real neighbours of its samples (a memorisation check). All work
+on uint8 images N×C×H×W."""
 from __future__ import annotations
 
 from typing import Callable
@@ -51,8 +52,22 @@ def _autoencoder_strip(model: GenerativeModel, reference_u8: torch.Tensor, rows:
     return to_uint8(model.decode(z)).cpu()
 
 
-# How a model of each task kind walks between two of its images.
-STRIPS: dict[str, Callable[..., torch.Tensor]] = {"generate": _sampler_strip, "reconstruct": _autoencoder_strip}
+@torch.no_grad()
+def _restoration_strip(model: GenerativeModel, reference_u8: torch.Tensor, rows: int, steps: int,
+                       seed: int) -> torch.Tensor:
+    """A translate model has no latent space to walk: its rows are the lecture's super-resolution
+    figure (input, baselines, model, original, with PSNR/SSIM) of `rows` held-out images picked at
+    the seed; `steps` is unused (the columns are the family's baselines)."""
+    from components.evaluation.restoration import figure_tiles, restore_uint8
+
+    pick = torch.randperm(reference_u8.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
+    tiles, _ = figure_tiles(model, restore_uint8(model, reference_u8[pick], seed), reference_u8[pick], seed, rows)
+    return tiles
+
+
+# How a model of each task kind walks between two of its images (a translate model: from input to original).
+STRIPS: dict[str, Callable[..., torch.Tensor]] = {"generate": _sampler_strip, "reconstruct": _autoencoder_strip,
+                                                  "translate": _restoration_strip}
 
 
 def interpolation_strip(model: GenerativeModel, kind: str, reference_u8: torch.Tensor, rows: int = 4,

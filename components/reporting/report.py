@@ -22,6 +22,17 @@ CURVES = 8              # training metrics drawn, at most
 REPORT_ARTIFACT = "report/report.html"  # where a registered version's report lies in its run
 
 
+# The section of interpolation_strip's picture, by task kind: (title, what a row shows).
+STRIP_TEXT = {
+    "generate": ("Interpolation", "Each row walks between two latent points (spherical, between prior draws)."),
+    "reconstruct": ("Interpolation", "Each row walks between two latent points (straight, between the codes of "
+                                     "two held-out images)."),
+    "translate": ("Restorations", "Each row: a held-out image's degraded input, each classical baseline, the "
+                                  "model and the original, with PSNR (dB) and SSIM against the original (inside "
+                                  "the hole for inpainting)."),
+}
+
+
 class ReportError(ValueError):
     """The report cannot be made: an unknown model, version or alias, or missing data."""
 
@@ -154,7 +165,7 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
     with tempfile.TemporaryDirectory(prefix="genpipe-report-") as tmp:
         model, kind = _load(version, Path(tmp) / "model")
         images = evaluation_images(model, kind, reference, seed)
-        shown, nrow = GRIDS[kind](images, reference, count, model.image_size)
+        shown, nrow = GRIDS[kind](model, images, reference, count, seed)
         sections = [_summary(version, kind)]
         pictures = [_picture(f"v{version.version} at seed {seed} (drawn with today's code)", shown, nrow)]
         other = _other(version)
@@ -162,7 +173,8 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
             alias, other_version = other
             try:
                 theirs, _ = registered_images(f"models:/{version.name}/{other_version}", reference.numpy(), seed)
-                theirs_shown, _ = GRIDS[kind](torch.from_numpy(theirs), reference, count, model.image_size)
+                # a translate model's inputs and baselines are this version's degradation of the reference
+                theirs_shown, _ = GRIDS[kind](model, torch.from_numpy(theirs), reference, count, seed)
                 pictures.append(_picture(f"{alias} v{other_version} at seed {seed} (its own registered code)",
                                          theirs_shown, nrow))
             except RuntimeError as exc:  # RegisteredModelUnloadable, or another failure of its child process
@@ -172,10 +184,8 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
                                 "drawn as noted, so a difference is the models' unless their code differs.",
                                 pictures=pictures))
         strip = interpolation_strip(model, kind, reference, seed=seed)
-        sections.append(Section("Interpolation", "Each row walks between two latent points "
-                                + ("(spherical, between prior draws)." if kind == "generate"
-                                   else "(straight, between the codes of two held-out images)."),
-                                pictures=[_picture("interpolation", strip, nrow=strip.shape[0] // 4)]))
+        title, text = STRIP_TEXT[kind]
+        sections.append(Section(title, text, pictures=[_picture(title.lower(), strip, nrow=strip.shape[0] // 4)]))
         sections.append(_neighbours(images[:NEIGHBOUR_SAMPLES], reference[:NEIGHBOUR_SAMPLES], train))
         evaluation = _eval_pictures(version.run_id, Path(tmp) / "eval")
         if evaluation:

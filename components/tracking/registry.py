@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from components.config import RegistryConfig
+from components.evaluation import gating
 from components.evaluation.protocol import INCEPTION_PROTOCOL_FILE, PROTOCOL_FILE, protocol_key
 from components.tracking import audit
 from components.tracking.champion_lock import ChampionLock, champion_lock, is_lock_model
@@ -92,23 +93,24 @@ Interval = tuple[float, float]
 
 def decide(metric: str, new_value: float, champion_value: float | None, margin: float, *,
            new_ci: Interval | None, champion_ci: Interval | None) -> tuple[bool, str]:
-    """Whether a challenger takes `champion`; lower is better (FID, KID). It must beat the champion
-    by more than `margin` and, when both carry a confidence interval, beyond both: its upper bound
-    below the champion's lower bound (touching is not beyond). Without both intervals the margin alone
-    decides, and the reason says so."""
+    """Whether a challenger takes `champion`, better in the metric's declared direction (lower for
+    FID and KID, higher for PSNR and SSIM: components/evaluation/gating.py). It must beat the
+    champion by more than `margin` and, when both carry a confidence interval, beyond both: its
+    interval wholly on the better side of the champion's (touching is not beyond). Without both
+    intervals the margin alone decides, and the reason says so."""
     if champion_value is None:
         return True, f"first version: no champion yet ({metric} {new_value:.4g}{_show(new_ci)})"
     if not (math.isfinite(new_value) and math.isfinite(champion_value)):
         return False, (f"{metric} {new_value:.4g} vs champion's {champion_value:.4g}: not both finite numbers, "
                        f"no comparison; the champion stays")
     scores = f"{metric} {new_value:.4g}{_show(new_ci)} vs champion's {champion_value:.4g}{_show(champion_ci)}"
-    by_margin = new_value < champion_value - margin
+    by_margin = gating.beats(metric, new_value, champion_value, margin)
     margin_text = f"{'better' if by_margin else 'not better'} by more than the margin {margin:g}"
     missing = [side if ci is None else f"{side} (not a finite low <= high)"
                for side, ci in (("challenger", new_ci), ("champion", champion_ci)) if not _valid(ci)]
     if missing:
         return by_margin, f"{scores}: {margin_text}; no interval for the {' and '.join(missing)}, margin alone decides"
-    apart = new_ci[1] < champion_ci[0]
+    apart = gating.intervals_apart(metric, new_ci, champion_ci)
     intervals_text = "intervals apart" if apart else "intervals overlap or touch"
     return by_margin and apart, f"{scores}: {intervals_text}, {margin_text}"
 
@@ -127,6 +129,13 @@ def interval(values: dict, metric: str) -> Interval | None:
     if low is None or high is None:
         return None
     return float(low), float(high)
+
+
+def model_kind(model_dir: Path) -> str:
+    """The task kind of a trained model (its family's), which picks its gating metric."""
+    from components.models import FAMILIES
+
+    return FAMILIES.get(json.loads((Path(model_dir) / "model.json").read_text())["family"]).kind
 
 
 def registered_already(name: str, model_md5: str) -> Registration | None:
@@ -156,9 +165,10 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
     if not protocol_file.is_file():
         raise FileNotFoundError(f"{protocol_file}: missing; evaluate the model again (genpipe evaluate)")
     protocol = json.loads(protocol_file.read_text())
-    value = metrics.get(cfg.gating_metric)
+    metric = cfg.metric_for(model_kind(model_dir))
+    value = metrics.get(metric)
     if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{eval_dir / 'metrics.json'}: '{cfg.gating_metric}' (registry.gating_metric) is "
+        raise ValueError(f"{eval_dir / 'metrics.json'}: '{metric}' (registry.gating_metric) is "
                          f"{value!r}; it must be a finite number (is it in evaluate.metrics?)")
     mv = _find_version(c, name, lineage[ARTIFACT_TAG])
     if mv is not None and DECISION in mv.tags:
@@ -176,7 +186,7 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
         if DECISION in mv.tags and PENDING not in mv.tags:  # another process registered this artefact meanwhile
             return Registration(name, str(mv.version), "unchanged", "this model artefact is registered already")
         plan = json.loads(mv.tags[PENDING]) if PENDING in mv.tags else _judge(
-            c, name, mv, float(value), interval(metrics, cfg.gating_metric), cfg, protocol, rescore)
+            c, name, mv, metric, float(value), interval(metrics, metric), cfg, protocol, rescore)
         # After the champion's re-score (named in its note), before the decision tag that ends the version:
         # a rerun after a crash in between marks again.
         mark_stale(c, name, protocol, str(mv.version))
@@ -184,10 +194,10 @@ def register_model(name: str, model_dir: Path, eval_dir: Path, lineage: dict[str
     return Registration(name, str(mv.version), plan["decision"], plan["reason"])
 
 
-def _judge(c, name: str, mv, value: float, value_ci: Interval | None, cfg: RegistryConfig, protocol: dict,
-           rescore: Callable[[str, dict], float | dict]) -> dict:
-    """Decide against today's champion and record the decision as pending on the version."""
-    metric, margin = cfg.gating_metric, cfg.min_improvement[cfg.gating_metric]
+def _judge(c, name: str, mv, metric: str, value: float, value_ci: Interval | None, cfg: RegistryConfig,
+           protocol: dict, rescore: Callable[[str, dict], float | dict]) -> dict:
+    """Decide against today's champion on `metric` and record the decision as pending on the version."""
+    margin = cfg.min_improvement[metric]
     champion = _champion(c, name)
     if champion is not None and str(champion.version) == str(mv.version):
         champion = None  # made champion by hand before it was judged: nothing to compare with
@@ -199,14 +209,13 @@ def _judge(c, name: str, mv, value: float, value_ci: Interval | None, cfg: Regis
         try:
             champion_value, champion_ci = _champion_score(c, name, champion, metric, protocol, rescore)
         except ChampionUnscorable as exc:  # no comparison possible: the challenger's own score decides
-            ceiling, why = cfg.ceiling[metric], str(exc)[:300]
-            promote = value <= ceiling
-            reason = (f"champion v{champion.version} cannot be scored under today's protocol ({why}); {metric} "
-                      f"{value:.4g} {'is within' if promote else 'exceeds'} registry.ceiling.{metric} {ceiling:g}")
+            promote, reason = _judge_alone(metric, value, cfg.ceiling[metric])
+            reason = (f"champion v{champion.version} cannot be scored under today's protocol ({str(exc)[:300]}); "
+                      f"{reason}")
         else:
             promote, reason = decide(metric, value, champion_value, margin, new_ci=value_ci, champion_ci=champion_ci)
             plan["champion_score"], plan["champion_ci"] = champion_value, champion_ci
-    plan["rule"] = (f"{metric} lower by more than registry.min_improvement {margin:g}"
+    plan["rule"] = (f"{metric} {gating.direction(metric)} by more than registry.min_improvement {margin:g}"
                     + (" and beyond both intervals" if _valid(value_ci) and _valid(plan["champion_ci"]) else ""))
     rolled_back = _rolled_back(c, name, str(mv.version))
     if promote and rolled_back is not None:  # a person's decision stands over the gate's
@@ -219,6 +228,17 @@ def _judge(c, name: str, mv, value: float, value_ci: Interval | None, cfg: Regis
         plan["audit"] = audit.new_record("register", plan["champion"], str(mv.version), reason)
     c.set_model_version_tag(name, mv.version, PENDING, json.dumps(plan, sort_keys=True))
     return plan
+
+
+def _judge_alone(metric: str, value: float, bound: float) -> tuple[bool, str]:
+    """The challenger's own score against registry.ceiling.<metric>: a ceiling for a lower-is-better
+    metric, a floor for a higher-is-better one (the key keeps one name for both)."""
+    promote = gating.within_bound(metric, value, bound)
+    key = f"registry.ceiling.{metric} {bound:g}"
+    if gating.bound_name(metric) == "ceiling":
+        return promote, f"{metric} {value:.4g} {'is within' if promote else 'exceeds'} {key}"
+    return promote, (f"{metric} {value:.4g} {'reaches' if promote else 'falls short of'} {key} "
+                     f"(a floor: higher {metric} is better)")
 
 
 def _rolled_back(c, name: str, version: str) -> dict | None:
@@ -256,6 +276,8 @@ def _champion_score(c, name: str, champion, metric: str, protocol: dict,
     try:
         scores = rescore(str(champion.version), protocol)
         scores = dict(scores) if isinstance(scores, dict) else {metric: scores}
+        if metric not in scores:  # a metric of the model itself (psnr) that its stored images cannot give
+            raise ChampionUnscorable(f"re-scoring gave no {metric} (got {', '.join(sorted(scores)) or 'nothing'})")
         value = float(scores[metric])
         if not math.isfinite(value):
             raise ChampionUnscorable(f"re-scored {metric} is {value}")
