@@ -104,7 +104,8 @@ def load_classifier(classifier_dir: Path):
 def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metrics_path: Path,
                 classifier_dir: Path | None = None) -> dict:
     """Train train.<name>; with classifier_dir (the evaluator), a generate-kind model's samples are
-    watched for mode collapse every tracking.sentinel_every steps. Under torchrun (WORLD_SIZE > 1)
+    watched for mode collapse every tracking.sentinel_every steps, and a family that uses_evaluator
+    (srgan) trains on its features (classifier_dir is then required). Under torchrun (WORLD_SIZE > 1)
     each process trains on its slice of every global batch; rank 0 alone logs, checkpoints and
     writes the outputs, and the others wait for it (components.training.distributed)."""
     from contextlib import nullcontext
@@ -121,6 +122,14 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
     images, labels = load_split(data_dir, "train")
     channels, classes = images.shape[1], manifest["classes"]
     model = build_model(cfg, channels, len(classes), classes)  # initial weights from cfg.seed
+    evaluator_key = ""
+    if FAMILIES.get(cfg.family).uses_evaluator:  # e.g. srgan's perceptual loss on the evaluator's features
+        if classifier_dir is None:
+            raise ValueError(f"train.{name}: the {cfg.family} family trains on the evaluator classifier's "
+                             f"features; pass its folder (genpipe train {name} --classifier artifacts/classifier)")
+        model.set_evaluator(load_classifier(classifier_dir))
+        weights = (Path(classifier_dir) / "classifier.safetensors").read_bytes()
+        evaluator_key = "-" + hashlib.sha256(weights).hexdigest()[:16]
     registered_name = f"{params.data.name}-{name}"
     data_version = dataset_version(data_dir)
     tags = {"genpipe.stage": f"train@{name}", "dataset_version": data_version,  # model.json's name and value
@@ -136,8 +145,10 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
                        else nothing_to_monitor)
         run = (training_run(registered_name, run_name=f"train-{name}", params=cfg.model_dump(), tags=tags)
                if workers.is_main else nullcontext())
-        # A checkpoint resumes only under the same data, training code and rollback rule.
-        resume_key = f"{data_version}-{source_hash('models', 'training', 'images.py')}-{config_hash(params.divergence)}"
+        # A checkpoint resumes only under the same data, training code and rollback rule (and, for a
+        # family trained on its features, the same evaluator).
+        resume_key = (f"{data_version}-{source_hash('models', 'training', 'images.py')}-"
+                      f"{config_hash(params.divergence)}{evaluator_key}")
         with run as log_metrics:
             trainer = Trainer(model, cfg, name=name, log_every=params.tracking.log_every,
                               checkpoint_every=params.tracking.checkpoint_every,
@@ -169,6 +180,7 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
 def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Path, model_dir: Path,
                    out_dir: Path, inception_dir: Path | None = None) -> dict:
     from components.evaluation.evaluate import evaluate_model
+    from components.evaluation.metrics import skipped_for_kind
     from components.models import FAMILIES
     from components.evaluation.pictures import write_pictures
     from components.evaluation.protocol import INCEPTION_PROTOCOL_FILE, PROTOCOL_FILE, folder_hash, score_protocol
@@ -181,6 +193,8 @@ def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Pa
     protocol = score_protocol(params.evaluate, evaluator=folder_hash(classifier_dir),
                               dataset_version=dataset_version(data_dir), image_size=model.image_size)
     kind = FAMILIES.get(params.model(name).family).kind
+    for metric, why in skipped_for_kind(params.evaluate.metrics, kind).items():
+        print(f"{metric}: skipped for a {kind} model ({why})")
     inception, inception_info = inception_reference(params, inception_dir, real, dataset_version(data_dir))
     with staged_dir(out_dir) as tmp:
         metrics = evaluate_model(model, classifier, real, params.evaluate, grid_path=tmp / "grid.png", kind=kind,
@@ -242,7 +256,7 @@ def live_weight_scores(model, model_dir: Path, classifier, real, params: Params,
     live_path = model_dir / "live.safetensors"
     if not live_path.is_file():
         return {}
-    metric = params.registry.gating_metric
+    metric = params.registry.metric_for(kind)
     averaged = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(load_file(str(live_path)))
     try:

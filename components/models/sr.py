@@ -1,5 +1,11 @@
-"""4x super-resolution: SRResNet, a residual generator trained for MSE (Ledig et al., 2017, "Photo-
-Realistic Single Image Super-Resolution Using a GAN", the generator without its GAN).
+"""4x super-resolution (Ledig et al., 2017, "Photo-Realistic Single Image Super-Resolution Using a
+Generative Adversarial Network"): `srresnet`, the residual generator trained for MSE, and `srgan`, the
+same generator trained with a content loss (pixel MSE + a perceptual MSE on features) and an
+adversarial loss against a discriminator of full-size images.
+
+The paper's perceptual loss compares VGG19 features; VGG weights cannot be downloaded here, so srgan
+compares the features of the pipeline's own evaluator classifier (components.evaluation.classifier),
+handed to the model with `set_evaluator` before training and never saved with it.
 
 The degradation is documented and fixed: a bicubic downscale by `scale` with antialiasing (what
 PIL and MATLAB's imresize do), e.g. 28 -> 7 and 64 -> 16. The generator predicts the residual over
@@ -8,6 +14,7 @@ the bicubic baseline and learns what bicubic misses.
 """
 from __future__ import annotations
 
+import copy
 from typing import Iterator
 
 import torch
@@ -16,7 +23,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from components.config import TrainConfig
+from components.evaluation.classifier import INPUT_SIZE, Classifier
+from components.images import resize
 from components.models.base import FAMILIES, Family, StepOutput, TranslationModel, adam
+from components.models.blocks import DownStack, dcgan_init, feature_dim
 
 
 class SRConfig(TrainConfig):
@@ -111,3 +121,92 @@ def input_shape(cfg: SRConfig, channels: int) -> tuple[int, int, int]:
 
 FAMILIES.register("srresnet")(Family("srresnet", SRConfig, lambda cfg, channels, classes: SRResNet(cfg, channels),
                                      kind="translate", input_shape=input_shape))
+
+
+class SRGANConfig(SRConfig):
+    ndf: int = Field(gt=0)  # the discriminator's width
+    beta1: float = Field(ge=0, lt=1)  # Adam's first-moment decay, both players (the paper: 0.9)
+    perceptual_weight: float = Field(ge=0)  # λ_perc: the evaluator-feature MSE beside the pixel MSE
+    adversarial_weight: float = Field(ge=0)  # λ_adv: the paper's 1e-3
+    warmup_steps: int = Field(ge=0)  # generator steps on pixel MSE alone (the paper's SRResNet init), then the GAN
+
+
+class SRGAN(SRResNet):
+    """SRResNet's generator against a discriminator (a DCGAN-style conv net on full-size images, logits
+    (N, 1)), after `warmup_steps` of pixel MSE alone. Per batch one D step, then one G step on
+    pixel MSE + λ_perc · feature MSE + λ_adv · the non-saturating adversarial loss."""
+
+    def __init__(self, cfg: SRGANConfig, channels: int):
+        super().__init__(cfg, channels)
+        self.discriminator = nn.Sequential(
+            DownStack(channels, cfg.ndf, cfg.image_size),
+            nn.Linear(feature_dim(cfg.image_size, cfg.ndf), 1),
+        )  # logits, (N, 1)
+        self.discriminator.apply(dcgan_init)
+        self.steps_done = 0  # training_losses calls: in the state dict as extra state (no host sync to read it)
+        # Kept out of the module tree: not a submodule, so it is in no state_dict, EMA or checkpoint,
+        # and .to() leaves it where it is (it follows the images when used).
+        self.__dict__["_evaluator"] = None
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.steps_done)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.steps_done = int(state)
+
+    def set_evaluator(self, classifier: Classifier) -> None:
+        """The classifier whose features the perceptual loss compares: a frozen copy, never saved."""
+        if classifier.body[0].in_channels != self.channels:
+            raise ValueError(f"srgan: the evaluator classifier takes {classifier.body[0].in_channels}-channel "
+                             f"images, the model makes {self.channels}-channel ones; retrain the classifier "
+                             f"on this data (genpipe classifier)")
+        self.__dict__["_evaluator"] = copy.deepcopy(classifier).eval().requires_grad_(False)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluator's features of images in [-1, 1], (N, C, H, W) -> (N, FEATURES), as FID takes them."""
+        evaluator = self._evaluator
+        if next(evaluator.parameters()).device != x.device:
+            evaluator.to(x.device)
+        return evaluator.features(resize(x, INPUT_SIZE))
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        betas = (self.cfg.beta1, 0.999)
+        return {"discriminator": adam(self.discriminator.parameters(), self.cfg.lr, betas),
+                "generator": adam(self.generator.parameters(), self.cfg.lr, betas)}
+
+    def training_losses(self, x: torch.Tensor, y: torch.Tensor,
+                        generator: torch.Generator | None = None) -> Iterator[tuple[str, StepOutput]]:
+        if self._evaluator is None:
+            raise ValueError("srgan: no evaluator classifier for the perceptual loss; call "
+                             "model.set_evaluator(classifier) before training (the train stage loads it "
+                             "from --classifier artifacts/classifier)")
+        cfg = self.cfg
+        warming_up = self.steps_done < cfg.warmup_steps
+        self.steps_done += 1
+        fake = self.generator(downscale(x, cfg.scale))  # (N, C, H, W)
+        pixel = F.mse_loss(fake, x)
+        if warming_up:
+            yield "generator", StepOutput(pixel, {"loss_mse": pixel})
+            return
+
+        n = x.shape[0]
+        ones, zeros = torch.ones(n, 1, device=x.device), torch.zeros(n, 1, device=x.device)
+        # D: real full-size images against the generator's, the fakes detached.
+        d_real = self.discriminator(x)
+        d_fake = self.discriminator(fake.detach())
+        loss_d = F.binary_cross_entropy_with_logits(d_real, ones) + F.binary_cross_entropy_with_logits(d_fake, zeros)
+        yield "discriminator", StepOutput(loss_d, {"loss_d": loss_d, "d_real": torch.sigmoid(d_real).mean()})
+
+        # G: content (pixels + evaluator features) plus the non-saturating adversarial loss.
+        with torch.no_grad():
+            target = self._features(x)  # (N, FEATURES)
+        perceptual = F.mse_loss(self._features(fake), target)
+        adversarial = F.binary_cross_entropy_with_logits(self.discriminator(fake), ones)
+        loss_g = pixel + cfg.perceptual_weight * perceptual + cfg.adversarial_weight * adversarial
+        yield "generator", StepOutput(loss_g, {"loss_g": loss_g, "loss_mse": pixel, "loss_perceptual": perceptual,
+                                               "loss_adversarial": adversarial,
+                                               "d_fake": torch.sigmoid(d_fake).mean()})
+
+
+FAMILIES.register("srgan")(Family("srgan", SRGANConfig, lambda cfg, channels, classes: SRGAN(cfg, channels),
+                                  kind="translate", input_shape=input_shape, uses_evaluator=True))
