@@ -52,5 +52,12 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
+def unfit_models(params: Params) -> dict[str, str]:
+    """The models of `train` whose family cannot learn from the dataset (data.channels), each with why:
+    colorize on a grey dataset. The retrain flow skips them with that reason instead of failing them."""
+    return {name: why for name, cfg in params.train.items()
+            if (why := FAMILIES.get(cfg.family).unfit_for(params.data.channels))}
+
+
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
     return parse_params(read_params_raw(path))

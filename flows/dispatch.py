@@ -122,8 +122,11 @@ def train_models_on_workers(repo, params: Params) -> tuple[list[str], dict[str, 
     """Dispatch every out-of-date model at once; returns (stages run, failures by stage address)."""
     from flows.runtime import describe
 
-    models = out_of_date(repo, list(params.train))
-    unchanged = sorted(set(params.train) - set(models))
+    from components.params import unfit_models
+
+    trainable = [m for m in params.train if m not in unfit_models(params)]  # the others: skipped, with why
+    models = out_of_date(repo, trainable)
+    unchanged = sorted(set(trainable) - set(models))
     if unchanged:
         get_run_logger().info("unchanged, no worker needed: %s", ", ".join(unchanged))
     if not models:

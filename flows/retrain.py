@@ -9,8 +9,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from components.config import Params
-from components.params import load_params
-from components.tracking.registry import Registration, register_model
+from components.params import load_params, unfit_models
+from components.tracking.registry import Registration, model_kind, register_model
 from components.versioning import dvc_pipeline as dvc
 from components.workspace import retrain_lock, sweep_checkpoints, sweep_stale
 from flows.policies import IO_RETRIES, registration_slot, training_slot
@@ -24,6 +24,7 @@ class RetrainResult:
     registrations: list[Registration]
     failures: dict[str, str] = field(default_factory=dict)  # failed stage (or register@model) -> error
     skipped: list[str] = field(default_factory=list)  # stages not run because a stage they need failed
+    not_trained: dict[str, str] = field(default_factory=dict)  # model -> why its family cannot learn from this data
 
 
 class RetrainFailed(RuntimeError):
@@ -85,7 +86,7 @@ def register(model: str, params: Params) -> Registration:
         "git_commit": _git_commit(repo.root_dir),
         "training_run_id": _training_run_id(model_dir),
     }
-    metric = params.registry.gating_metric
+    metric = params.registry.metric_for(model_kind(model_dir))
 
     def rescore(version: str, protocol: dict) -> dict:
         return rescore_registered(f"models:/{name}/{version}", metric, protocol, data_dir, classifier_dir)
@@ -158,6 +159,9 @@ def _train_and_register(params: Params) -> RetrainResult:
     """The run under the workspace lock; `params` are the ones registered."""
     repo = dvc.open_repo()
     _sweep_leftovers(repo)
+    not_trained = unfit_models(params)  # e.g. colorize on a grey dataset: skipped with the reason, not failed
+    for model, why in not_trained.items():
+        get_run_logger().warning("%s: not trained: %s", model, why)
     if params.deploy.training_pool:
         from flows.dispatch import check_dispatchable, train_models_on_workers
 
@@ -169,7 +173,7 @@ def _train_and_register(params: Params) -> RetrainResult:
     else:
         ran, failures, skipped = _run_stages(repo, params)
         push_artifacts()
-    blocked = {_model_of(a, params) for a in [*failures, *skipped]}
+    blocked = {_model_of(a, params) for a in [*failures, *skipped]} | set(not_trained)
     registrations = []
     for model in params.train:
         if model in blocked:
@@ -179,15 +183,18 @@ def _train_and_register(params: Params) -> RetrainResult:
                 registrations.append(register(model, params))
         except Exception as exc:
             failures[f"register@{model}"] = describe(exc)
-    return RetrainResult(stages_run=ran, registrations=registrations, failures=failures, skipped=skipped)
+    return RetrainResult(stages_run=ran, registrations=registrations, failures=failures, skipped=skipped,
+                         not_trained=not_trained)
 
 
 def _run_stages(repo, params: Params, shared_only: bool = False) -> tuple[list[str], dict[str, str], list[str]]:
-    """Run the DVC stages in order (only those of no model, with shared_only); returns (ran, failures, skipped)."""
+    """Run the DVC stages in order (only those of no model, with shared_only; never those of a model the data
+    cannot train, unfit_models); returns (ran, failures, skipped)."""
     ran, failures, skipped = [], {}, []
+    not_trained = unfit_models(params)
     for addressing, needs in dvc.stage_needs(repo).items():
         model = _model_of(addressing, params)
-        if shared_only and model is not None:
+        if (shared_only and model is not None) or model in not_trained:
             continue
         if any(n in failures or n in skipped for n in needs):
             skipped.append(addressing)
@@ -225,6 +232,7 @@ def publish_summary(result: RetrainResult) -> None:
     logger.info(line)
     rows = [f"| {r.name} | {r.version} | {r.decision} | {r.reason} | {r.report or ''} |" for r in result.registrations]
     rows += [f"| {where} | | failed | {error} | |" for where, error in result.failures.items()]
+    rows += [f"| {model} | | not trained | {why} | |" for model, why in result.not_trained.items()]
     create_markdown_artifact(key="retrain-summary", description="what this retrain run did",
                              markdown="\n".join([f"**{line}**", "", "| model | version | decision | reason | report |",
                                                  "|---|---|---|---|---|", *rows]))

@@ -32,7 +32,7 @@ def test_every_registered_family_has_a_benchmark_config():
     for family in FAMILIES.names():
         cfg, source = bench_trainer.family_config(params, family)
         assert cfg.family == family and cfg.epochs == 1, source
-        build_model(cfg, 1, 10)  # the config builds a model
+        build_model(cfg, FAMILIES.get(family).data_channels[0], 10)  # the config builds a model (colorize: colour)
 
 
 def test_unknown_trainer_option_is_refused_with_the_valid_ones():

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from components.config import TaskKind
 from components.registry import Registry
 
 
@@ -23,7 +24,7 @@ class StepOutput:
 #   generate:    {"count", "seed", + the family's conditions} → images
 #   reconstruct: {"images", "output": "reconstruction" | "latent"} → images or latent codes
 #   translate:   {"images" (the family's input_shape), + "mask" when it takes_mask} → images
-TaskKind = Literal["generate", "reconstruct", "translate"]
+# (TaskKind itself is declared in components/config.py, where registry.gating_metric is keyed by it.)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,17 @@ class Family:
     input_shape: Callable[..., tuple[int, int, int]] | None = None
     takes_mask: bool = False  # translate: a request also sends "mask", uint8 N×1×H×W, 1 where to fill in
     uses_evaluator: bool = False  # trained with the evaluator classifier's features (set_evaluator before fit)
+    data_channels: tuple[int, ...] = (1, 3)  # the datasets (data.channels) it can learn from: colorize needs colour
+
+    def unfit_for(self, channels: int) -> str | None:
+        """Why a model of this family cannot learn from a dataset of `channels` channels, or None."""
+        if channels in self.data_channels:
+            return None
+        kind = {1: "grey", 3: "colour"}.get
+        need = " or ".join(f"{kind(c)} images (data.channels: {c})" for c in self.data_channels)
+        return (f"the {self.name} family learns from {need}, and this dataset is {kind(channels, 'neither')} "
+                f"(data.channels: {channels}); to train it, ingest {kind(self.data_channels[0])} images "
+                f"with data.channels: {self.data_channels[0]}")
 
 
 FAMILIES: Registry[Family] = Registry("model family")
