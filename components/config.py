@@ -149,7 +149,7 @@ class RegistryConfig(Frozen):
     # When the champion cannot be scored under today's protocol (its code no longer loads), a
     # challenger is promoted on its own score if it is no worse than this bound: at most it for a
     # lower-is-better metric (a ceiling), at least it for a higher-is-better one (a floor).
-    ceiling: dict[GatingMetric, Annotated[float, Field(gt=0)]]
+    ceiling: dict[GatingMetric, Annotated[float, Field(ge=0)]]  # psnr_gain's natural floor is 0: no worse than the baseline
 
     @field_validator("min_improvement", "ceiling")
     @classmethod

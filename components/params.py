@@ -47,9 +47,20 @@ def parse_params(raw: Any) -> Params:
     else:
         problems += filter(None, [SOURCES.problem("data.source", params.data.source)])
         problems += filter(None, [METRICS.problem("evaluate.metrics", m) for m in params.evaluate.metrics])
+        problems += filter(None, [_gating_problem(params, name) for name in params.train])
     if problems:
         raise ConfigError("invalid parameters:\n  " + "\n  ".join(problems))
     return params
+
+
+def _gating_problem(params: Params, name: str) -> str | None:
+    """Why train.<name> has no gating metric (a per-kind registry.gating_metric without its kind), or None:
+    said before training, not at registration."""
+    try:
+        params.registry.metric_for(FAMILIES.get(params.train[name].family).kind)
+    except ConfigError as exc:
+        return f"{exc} (train.{name})"
+    return None
 
 
 def unfit_models(params: Params) -> dict[str, str]:

@@ -19,6 +19,7 @@ from components.models import FAMILIES, build_model
 from components.models.colorize import luma
 from components.params import parse_params, unfit_models
 from components.training.trainer import Trainer
+from fashion import ROOT as FASHION
 from model_configs import model_config, model_fields
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +230,7 @@ def retrain_in_workspace(ws: Path, monkeypatch, train: dict, overrides: list[str
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
                     reason="demo data missing: `make data` installs dataset-fashion-mnist")
 def test_retrain_on_a_grey_dataset_skips_colorize_with_the_reason_and_registers_the_rest(tmp_path, monkeypatch):
     train = {"vae": read_params_raw(REPO / "params.yaml")["train"]["vae"], "colour": model_fields("colorize")}

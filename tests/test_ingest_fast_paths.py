@@ -3,6 +3,7 @@ and fails the checks verify() makes, anything else goes the general way; the dup
 every image met, across its merges, and tells apart two images that share a hash prefix."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import struct
@@ -138,8 +139,7 @@ def _sha(prefix: int, rest: int) -> str:
 
 def test_the_duplicate_index_finds_every_image_met_across_its_merges(tmp_path):
     seen = SeenImages(tmp_path)
-    rng = np.random.default_rng(0)
-    met = [_sha(int(p), k) for k, p in enumerate(rng.integers(0, 2**63, 3000, dtype=np.int64))]
+    met = [hashlib.sha256(str(k).encode()).hexdigest() for k in range(3000)]  # prefixes over all of 0..2^64
     for start in range(0, len(met), 100):
         chunk = met[start:start + 100]
         assert seen.met(chunk) == {}  # none met before
@@ -178,3 +178,43 @@ def test_items_jsonl_lines_are_what_json_dumps_writes(tmp_path):
         record = json.loads(line)
         assert list(record)[:5] == ["split", "shard", "index", "label", "sha256"]
         assert line == json.dumps(record) + "\n"
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    out, pos = [], 8
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        out.append((kind, data[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+    return out
+
+
+def _rebuild(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + b"".join(_chunk(kind, body) for kind, body in chunks)
+
+
+def _odd_pngs() -> dict[str, bytes]:
+    chunks = _chunks(png(images(3)["grey noise"]))
+    (ihdr,), idat = [c for c in chunks if c[0] == b"IHDR"], [c for c in chunks if c[0] == b"IDAT"][0][1]
+    split_by_text = [ihdr, (b"IDAT", idat[:20]), (b"tEXt", b"k\x00v"), (b"IDAT", idat[20:]), (b"IEND", b"")]
+    filtered = [(b"IHDR", ihdr[1][:11] + b"\x01" + ihdr[1][12:])] + chunks[1:]  # filter method 1: none such
+    ztxt = [ihdr, (b"zTXt", b"k\x00\x00" + zlib.compress(b"x" * 100))] + chunks[1:]
+    return {"IDAT runs split by another chunk": _rebuild(split_by_text), "unknown filter method": _rebuild(filtered),
+            "compressed text": _rebuild(ztxt)}
+
+
+@pytest.mark.parametrize("name", list(_odd_pngs()))
+def test_files_the_fast_path_does_not_judge_get_the_general_paths_verdict(name):
+    data = _odd_pngs()[name]
+    assert decode_plain_png(data, 10_000) is None
+    try:
+        expected = general_path(data, RULES)
+    except ImageRejected:
+        with pytest.raises(ImageRejected):
+            decode_image(data, RULES)
+    else:
+        np.testing.assert_array_equal(decode_image(data, RULES)[0], expected)

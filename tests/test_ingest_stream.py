@@ -137,8 +137,10 @@ def test_a_class_whose_files_all_fail_is_left_out_and_labels_renumbered(tmp_path
     assert len(manifest["dataset_version"]) == 16
 
 
-def test_the_dataset_is_the_same_whatever_the_number_of_decode_processes(tmp_path):
-    count = stream.POOL_AFTER + 3 * stream.chunk_files(data_cfg()) + 5  # past the files decoded before the pool starts
+def test_the_dataset_is_the_same_whatever_the_number_of_decode_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "POOL_AFTER", 20)  # small, so that the pool's window fills and drains
+    monkeypatch.setattr(stream, "CHUNK", 10)
+    count = 20 + 3 * 2 * stream.WINDOW_PER_WORKER * 10 + 5
     entries = [item(f"{'ab'[i % 2]}/{i}.png", encode(noise(i), "PNG")) for i in range(count)]
     one, manifest_one, _ = run(entries, ["a", "b"], tmp_path, processes=1)
     two, manifest_two, _ = run(entries, ["a", "b"], tmp_path, processes=2)

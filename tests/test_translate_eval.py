@@ -228,3 +228,17 @@ def test_the_gating_metric_may_be_chosen_per_task_kind(tmp_path, store):
     # A sampler (toy-dcgan) is judged on its kind's metric, FID: lower FID wins although its PSNR fell.
     lower_fid = register(candidate(2, 40.0, 10.0), cfg=gate)
     assert lower_fid.decision == "promoted" and lower_fid.reason.startswith("fid 40 vs champion's 50"), lower_fid.reason
+
+
+def test_a_per_kind_gate_without_a_trained_models_kind_is_refused_before_training():
+    from components.config import ConfigError, read_params_raw
+    from components.params import parse_params
+
+    raw = read_params_raw("params.yaml")
+    raw["registry"]["gating_metric"] = {"generate": "fid"}  # the default srgan is a translate model
+    raw["train"]["srgan"] = {"family": "srresnet", **{k: v for k, v in raw["train"]["dcgan"].items() if k in (
+        "image_size", "epochs", "batch_size", "lr", "seed", "ema_decay", "precision", "channels_last", "compile")},
+        "scale": 4, "width": 4, "blocks": 1}
+    with pytest.raises(ConfigError, match=r"no metric for translate models; add registry.gating_metric.translate"
+                                          r".*\(train.srgan\)"):
+        parse_params(raw)

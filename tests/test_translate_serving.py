@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model_configs import TINY, model_fields
+from model_configs import model_fields
 # `cli` runs `genpipe` in this process against the store of the `registered` fixture, which this
 # module overrides with its own (a translate model) below.
 from test_requests import CLASSES, cli, images, register, use_store  # noqa: F401
@@ -109,20 +109,18 @@ def test_masks_of_integers_booleans_and_nothing_to_fill_are_accepted():
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    """A tracking store holding a tiny srresnet (and inpaint, once that family has a tiny config)."""
+    """A tracking store holding a tiny srresnet and a tiny inpaint."""
     root = tmp_path_factory.mktemp("translate-store")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GENPIPE_HOME", str(root / "home"))
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'home' / 'mlflow.db'}")
         (root / "home").mkdir()
-        yield root, {family: register(root, family) for family in ("srresnet", "inpaint") if family in TINY}
+        yield root, {family: register(root, family) for family in ("srresnet", "inpaint")}
 
 
 def load(registered, family: str):
     import mlflow.pyfunc
 
-    if family not in registered[1]:
-        pytest.skip(f"family {family!r} has no tiny config in tests/model_configs.py yet")
     use_store(registered[0] / "home")
     return mlflow.pyfunc.load_model(f"models:/{registered[1][family]}/1")
 

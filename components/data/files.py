@@ -48,10 +48,10 @@ def read_file(path: str | Path, max_file_bytes: int, follow_symlinks: bool) -> b
             raise TooLarge(too_large(max_file_bytes, found.st_size))
         # Sized by fstat (asking for max_file_bytes would allocate that much per file); read on to EOF
         # in case the file grows meanwhile, and stop past the limit.
-        parts = [os.read(fd, found.st_size + 1)]  # fewer bytes than asked: the end of a regular file
+        parts = [os.read(fd, found.st_size + 1)]  # one call for the whole file on a local disk
         total = len(parts[0])
-        while len(parts[-1]) and total > found.st_size:  # it grew since the fstat: read on to its end
-            parts.append(os.read(fd, 1 << 20))
+        while len(parts[-1]) and total != found.st_size:  # a short read (NFS, FUSE), or the file grew: on to its end
+            parts.append(os.read(fd, max(found.st_size + 1 - total, 1 << 20)))
             total += len(parts[-1])
             if total > max_file_bytes:
                 raise TooLarge(f"grew past data.max_file_bytes {max_file_bytes} while it was read: left out")

@@ -6,18 +6,20 @@ every format; for a 28×28 image that is most of the ingest's time. Here the chu
 each CRC checked and IEND required (what verify() checks), and the IDAT stream goes to PIL's own
 PNG decoder (its "zip" decoder, the one PngImagePlugin uses), so the pixels are PIL's bit for bit.
 Anything else, a chunk this path does not know included, returns None: the general path decides.
+Stricter than PIL in one way only: an IEND whose CRC is wrong is refused (PIL does not read it).
 """
 from __future__ import annotations
 
 import struct
 import zlib
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MODES = {0: "L", 2: "RGB"}  # colour type -> mode, at bit depth 8
-# Chunks that do not change the pixels PIL returns; any other (PLTE, tRNS, eXIf, acTL, ...) -> general path.
-PASSIVE = {b"tEXt", b"zTXt", b"iTXt", b"pHYs", b"tIME", b"gAMA", b"cHRM", b"sRGB", b"iCCP"}
+# Chunks that do not change the pixels PIL returns and that PIL checks no further; any other (PLTE,
+# tRNS, eXIf, acTL, and the compressed zTXt/iTXt/iCCP, whose size PIL bounds) -> general path.
+PASSIVE = {b"tEXt", b"pHYs", b"tIME", b"gAMA", b"cHRM", b"sRGB"}
 
 
 class CorruptPng(Exception):
@@ -31,7 +33,7 @@ def decode_plain_png(data: bytes, max_pixels: int) -> Image.Image | None:
     if not data.startswith(SIGNATURE):
         return None
     view, pos, end = memoryview(data), len(SIGNATURE), len(data)
-    header, idat = None, []
+    header, idat, previous = None, [], b""
     while True:
         if pos + 8 > end:
             raise CorruptPng("truncated: the file ends before its IEND chunk")
@@ -48,17 +50,21 @@ def decode_plain_png(data: bytes, max_pixels: int) -> Image.Image | None:
             if kind != b"IHDR" or length != 13:
                 return None
             header = struct.unpack(">IIBBBBB", body)
-            width, height, depth, colour, _, _, interlace = header
-            if depth != 8 or colour not in MODES or interlace != 0 or not width or not height:
+            width, height, depth, colour, compression, filtering, interlace = header
+            if (depth != 8 or colour not in MODES or compression or filtering or interlace
+                    or not width or not height):
                 return None
             if width * height > min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels):
                 return None  # the general path rejects it as a bomb, with its message
         elif kind == b"IDAT":
+            if idat and previous != b"IDAT":  # PIL reads one run of IDAT chunks: the rest is its call
+                return None
             idat.append(body)
         elif kind == b"IEND":
             break
-        elif kind not in PASSIVE:
+        elif kind not in PASSIVE or length > PngImagePlugin.MAX_TEXT_CHUNK:
             return None
+        previous = kind
     mode = MODES[colour]
     try:
         return Image.frombytes(mode, (width, height), b"".join(idat), "zip", mode)

@@ -41,7 +41,7 @@ def save_grid(images_u8: torch.Tensor, path: Path, nrow: int | None = None) -> N
     tmp.replace(path)
 
 
-def _check_finite(images: torch.Tensor, what: str) -> None:
+def check_finite(images: torch.Tensor, what: str) -> None:
     bad = (~torch.isfinite(images)).flatten(1).any(dim=1)
     if bad.any():
         raise NonFiniteSamples(f"{int(bad.sum())} of {images.shape[0]} {what} contain NaN or infinite pixels; "
@@ -67,7 +67,7 @@ def sample_uint8(model, n: int, seed: int, labels: torch.Tensor | None = None, b
         part = None if labels is None else labels[start:start + count]
         texts = None if prompts is None else prompts[start:start + count]
         images = model.sample(count, generator=generator, labels=part, prompts=texts)
-        _check_finite(images, f"samples (seed {seed}, from image {start})")
+        check_finite(images, f"samples (seed {seed}, from image {start})")
         chunks.append(to_uint8(images.cpu()))
     return torch.cat(chunks) if chunks else _empty(model)
 
@@ -82,7 +82,7 @@ def reconstruct_uint8(model, images_u8: torch.Tensor, batch_size: int = 500) -> 
     for start in range(0, images_u8.shape[0], batch_size):
         x = to_model_input(images_u8[start:start + batch_size], model.image_size, device)
         images = model.reconstruct(x)  # (n, C, size, size) in [-1, 1]
-        _check_finite(images, f"reconstructions (from image {start})")
+        check_finite(images, f"reconstructions (from image {start})")
         chunks.append(to_uint8(images.cpu()))
     return torch.cat(chunks) if chunks else _empty(model)
 
@@ -100,7 +100,7 @@ def translate_uint8(model, images_u8: torch.Tensor, mask_u8: torch.Tensor | None
         if mask_u8 is not None:
             inputs["mask"] = mask_u8[start:start + batch_size].to(device).float()
         images = model.translate(inputs)  # (n, C, H, W) in [-1, 1]
-        _check_finite(images, f"translations (from image {start})")
+        check_finite(images, f"translations (from image {start})")
         chunks.append(to_uint8(images.cpu()))
     return torch.cat(chunks) if chunks else _empty(model)
 

@@ -46,17 +46,17 @@ class Restored:
 def restore(model, images_u8: torch.Tensor, seed: int) -> Iterator[Restored]:
     """Degrade and restore uint8 images N×C×H×W (resized to the model's resolution), BATCH at a time,
     with the degradation's randomness from one generator seeded by `seed`."""
-    from components.evaluation.grid import _check_finite
+    from components.evaluation.grid import check_finite
 
     device = next(model.parameters()).device
     model.eval()
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same masks on any device
     for start in range(0, images_u8.shape[0], BATCH):
         x = to_model_input(images_u8[start:start + BATCH], model.image_size, device)  # (n, C, H, W) in [-1, 1]
         inputs = model.degrade(x, generator)
         outputs = {MODEL: model.translate(inputs), **model.baselines(inputs)}
         for name, images in outputs.items():
-            _check_finite(images, f"{name} restorations (from image {start})")
+            check_finite(images, f"{name} restorations (from image {start})")
         mask = inputs.get("mask")
         yield Restored(clean=to_uint8(x).cpu(), inputs=to_uint8(inputs["images"]).cpu(),
                        outputs={name: to_uint8(images).cpu() for name, images in outputs.items()},

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from scipy.ndimage import distance_transform_edt  # scipy comes with mlflow
+from scipy.ndimage import distance_transform_edt
 from torch import nn
 
 from components.config import Frozen, TrainConfig
