@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.config import apply_overrides, read_params_raw  # noqa: E402
+from components.config import apply_overrides, apply_profile, read_params_raw  # noqa: E402
 from components.data.sources import SOURCES  # noqa: E402
 from components.evaluation.evaluate import reference_subset  # noqa: E402
 from components.evaluation.features import extract, fid  # noqa: E402
@@ -77,7 +77,7 @@ def restore(model, real_u8: torch.Tensor, batch_size: int = 500) -> tuple[torch.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["srresnet", "srgan"],
-                        help="entries of params.yaml's train section")
+                        help="entries of params.yaml's train section, or of profiles/zoo.yaml's (srresnet)")
     parser.add_argument("--set", action="append", default=[], metavar="MODEL.FIELD=VALUE",
                         help="override a field of train.<model>, e.g. srgan.warmup_steps=200")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -86,6 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     raw = read_params_raw(ROOT / "params.yaml")
+    apply_profile(raw, ROOT / "profiles" / "zoo.yaml")  # srresnet lives there
     apply_overrides(raw, [f"train.{item}" for item in args.set])
     params = parse_params(raw)
 

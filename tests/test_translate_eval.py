@@ -235,7 +235,7 @@ def test_a_per_kind_gate_without_a_trained_models_kind_is_refused_before_trainin
     from components.params import parse_params
 
     raw = read_params_raw("params.yaml")
-    raw["registry"]["gating_metric"] = {"generate": "fid"}  # the default srgan is a translate model
+    raw["registry"]["gating_metric"] = {"generate": "fid"}  # and a translate model to train:
     raw["train"]["srgan"] = {"family": "srresnet", **{k: v for k, v in raw["train"]["dcgan"].items() if k in (
         "image_size", "epochs", "batch_size", "lr", "seed", "ema_decay", "precision", "channels_last", "compile")},
         "scale": 4, "width": 4, "blocks": 1}
