@@ -19,7 +19,6 @@ from components.models import FAMILIES, build_model
 from components.models.colorize import luma
 from components.params import parse_params, unfit_models
 from components.training.trainer import Trainer
-from fashion import ROOT as FASHION
 from model_configs import model_config, model_fields
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,22 +226,6 @@ def retrain_in_workspace(ws: Path, monkeypatch, train: dict, overrides: list[str
     monkeypatch.chdir(ws)
     with prefect_test_harness(server_startup_timeout=60):
         return retrain()  # raises RetrainFailed if any stage failed
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-                    reason="demo data missing: `make data` installs dataset-fashion-mnist")
-def test_retrain_on_a_grey_dataset_skips_colorize_with_the_reason_and_registers_the_rest(tmp_path, monkeypatch):
-    train = {"vae": read_params_raw(REPO / "params.yaml")["train"]["vae"], "colour": model_fields("colorize")}
-    result = retrain_in_workspace(tmp_path, monkeypatch, train, [
-        "data.limit_per_split=160", "train.vae.epochs=1", "train.vae.batch_size=32", "train.vae.width=8",
-        "evaluate.metrics=[fid,recon_mse]"])
-
-    assert result.failures == {} and result.not_trained == {"colour": GREY_REASON}
-    assert {"train@vae", "evaluate@vae"} <= set(result.stages_run)
-    assert not any(stage.endswith("@colour") for stage in result.stages_run + result.skipped)
-    assert [r.name for r in result.registrations] == ["fashion-mnist-vae"]
-    assert not (tmp_path / "artifacts" / "models" / "colour").exists()
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from components.config import apply_overrides, read_params_raw
+from components.config import apply_overrides, apply_profile, read_params_raw
 from components.evaluation.classifier import Classifier
 from components.images import to_model_input
 from components.models import FAMILIES, build_model
@@ -162,7 +162,9 @@ def srgan_stage(tmp_path, monkeypatch):
 
     monkeypatch.setenv("GENPIPE_HOME", str(tmp_path / ".genpipe"))
     monkeypatch.setenv("GENPIPE_DEVICE", "cpu")
-    raw = apply_overrides(read_params_raw(REPO / "params.yaml"), [
+    raw = read_params_raw(REPO / "params.yaml")
+    apply_profile(raw, REPO / "profiles" / "zoo.yaml")  # srgan lives there
+    raw = apply_overrides(raw, [
         "train.srgan.epochs=1", "train.srgan.batch_size=8", "train.srgan.width=4", "train.srgan.blocks=1",
         "train.srgan.ndf=4", "train.srgan.warmup_steps=2", "tracking.log_every=1"])
     params = parse_params(raw)
