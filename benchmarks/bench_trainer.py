@@ -56,6 +56,8 @@ BUILT_IN: dict[str, dict] = {
     "cvae": {"latent_dim": 8, "width": 32, "beta": 1.0, "lr": 1e-3},
     "colorize": {"width": 32, "lr": 1e-3},
     "srresnet": {"scale": 4, "width": 32, "blocks": 4, "lr": 1e-3},
+    "srgan": {"scale": 4, "width": 32, "blocks": 4, "ndf": 32, "beta1": 0.9, "perceptual_weight": 0.01,
+              "adversarial_weight": 0.001, "warmup_steps": 300, "lr": 1e-3},
     "inpaint": {"width": 16, "ndf": 16, "adv_weight": 0.003, "beta1": 0.5, "lr": 2e-3,
                 "masks": {"boxes": {"weight": 0.4, "size": [0.25, 0.5]},
                           "strokes": {"weight": 0.4, "count": [1, 3], "vertices": 4, "width": [0.08, 0.2],
