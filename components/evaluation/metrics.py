@@ -258,16 +258,26 @@ def psnr(ctx: EvalContext) -> dict[str, float]:
     return {"psnr": float(per_image.clamp(max=PSNR_CAP_DB).mean())}
 
 
+def _translate_scores(ctx: EvalContext, metric: str) -> dict[str, float]:
+    """A translate model's per-image `metric` ("psnr", "ssim"): its mean with an interval, and each
+    classical baseline's mean as `<metric>_<baseline>`."""
+    from components.evaluation.restoration import MODEL
+
+    scores = getattr(ctx.restoration, metric)
+    out = ctx.with_mean_interval(metric, scores[MODEL])
+    out.update({f"{metric}_{name}": float(values.double().mean()) for name, values in scores.items() if name != MODEL})
+    return out
+
+
 def _translate_psnr(ctx: EvalContext) -> dict[str, float]:
     from components.evaluation.restoration import MODEL
 
     if ctx.model is None:
         return {}
-    scores = ctx.restoration.psnr
-    out = ctx.with_mean_interval("psnr", scores[MODEL])
-    out.update({f"psnr_{name}": float(values.double().mean()) for name, values in scores.items() if name != MODEL})
+    out = _translate_scores(ctx, "psnr")
     best = ctx.restoration.best_baseline()
     if best is not None:
+        scores = ctx.restoration.psnr
         out.update(ctx.with_mean_interval("psnr_gain", scores[MODEL] - scores[best]))
     return out
 
@@ -290,14 +300,7 @@ def ssim(ctx: EvalContext) -> dict[str, float]:
 
 
 def _translate_ssim(ctx: EvalContext) -> dict[str, float]:
-    from components.evaluation.restoration import MODEL
-
-    if ctx.model is None:
-        return {}
-    scores = ctx.restoration.ssim
-    out = ctx.with_mean_interval("ssim", scores[MODEL])
-    out.update({f"ssim_{name}": float(values.double().mean()) for name, values in scores.items() if name != MODEL})
-    return out
+    return {} if ctx.model is None else _translate_scores(ctx, "ssim")
 
 
 @METRICS.register("elbo")
