@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
@@ -75,3 +76,18 @@ class DownStack(nn.Sequential):
             layers.append(nn.LeakyReLU(0.2, True))
         layers.append(nn.Flatten())  # state: widths[-1] · base · base
         super().__init__(*layers)
+
+
+class UNetUp(nn.Module):
+    """A U-Net's ×2 up step, joined with the encoder's features of that size (the inpainting and
+    colorization U-Nets): (N, c_in, s, s), skip (N, c_out, 2s, 2s) -> (N, c_out, 2s, 2s)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.up = nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                                nn.ReLU(True))
+        self.merge = nn.Sequential(nn.Conv2d(2 * c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out),
+                                   nn.ReLU(True))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.merge(torch.cat([self.up(x), skip], 1))

@@ -25,7 +25,7 @@ from torch import nn
 
 from components.config import ConfigError, TrainConfig
 from components.models.base import FAMILIES, Family, StepOutput, TranslationModel, adam
-from components.models.blocks import BASE
+from components.models.blocks import BASE, UNetUp
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
 # JPEG's YCbCr → RGB: each row's (Cb, Cr) weights, added to Y. Y of the result is Y again: the
@@ -58,20 +58,6 @@ def _conv(c_in: int, c_out: int, *args, **kwargs) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, *args, bias=False, **kwargs), nn.BatchNorm2d(c_out), nn.ReLU(True))
 
 
-class Up(nn.Module):
-    """×2 up, then merged with the encoder's features of that size: (N, c_in, s, s), (N, c_out, 2s, 2s) ->
-    (N, c_out, 2s, 2s)."""
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.up = nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
-                                nn.ReLU(True))
-        self.merge = _conv(2 * c_out, c_out, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.merge(torch.cat([self.up(x), skip], 1))
-
-
 class ColorizeUNet(nn.Module):
     """(N, 1, S, S) grey in [-1, 1] -> (N, 3, S, S) RGB in [-1, 1] whose luma is the grey.
 
@@ -91,7 +77,7 @@ class ColorizeUNet(nn.Module):
         self.local = _conv(widths[-1], widths[-1], 3, 1, 2, dilation=2)
         self.whole = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], widths[-1]),
                                    nn.ReLU(True))  # (N, widths[-1])
-        self.ups = nn.ModuleList(Up(c_in, c_out) for c_in, c_out in zip(widths[::-1], widths[::-1][1:]))
+        self.ups = nn.ModuleList(UNetUp(c_in, c_out) for c_in, c_out in zip(widths[::-1], widths[::-1][1:]))
         self.head = nn.Conv2d(width, 2, 3, 1, 1)  # state: 2 × S × S, (Cb, Cr)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -135,6 +121,9 @@ class Colorizer(TranslationModel):
 
     def baselines(self, inputs):
         return {"grey": grey_to_rgb(inputs["images"])}
+
+    def degradation(self):
+        return {"to_grey": "BT.601 luma", "image_size": self.image_size}
 
 
 def build(cfg: ColorizeConfig, channels: int, classes: list[str]) -> Colorizer:

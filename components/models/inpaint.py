@@ -28,7 +28,7 @@ from torch import nn
 
 from components.config import Frozen, TrainConfig
 from components.models.base import FAMILIES, Family, StepOutput, TranslationModel, adam
-from components.models.blocks import BASE, DownStack, dcgan_init, feature_dim
+from components.models.blocks import BASE, DownStack, UNetUp, dcgan_init, feature_dim
 
 Share = Annotated[float, Field(gt=0, lt=1)]  # a share of the image side
 
@@ -214,19 +214,6 @@ class InpaintConfig(TrainConfig):
     masks: MaskConfig
 
 
-class Up(nn.Module):
-    """×2 up, then joined with the encoder's features of that size: (N, c_in, s, s), (N, c_out, 2s, 2s) ->
-    (N, c_out, 2s, 2s)."""
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.up = nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
-        self.merge = nn.Sequential(nn.Conv2d(2 * c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.merge(torch.cat([self.up(x), skip], 1))
-
-
 class UNet(nn.Module):
     """(N, C + 1, S, S): the image with its hole at 0 and the mask -> (N, C, S, S) in [-1, 1].
 
@@ -244,7 +231,7 @@ class UNet(nn.Module):
             for c_in, c_out in zip(widths, widths[1:]))  # state: widths[-1] × base × base
         self.bottleneck = nn.Sequential(nn.Conv2d(widths[-1], widths[-1], 3, 1, 2, dilation=2, bias=False),
                                         nn.BatchNorm2d(widths[-1]), nn.ReLU(True))
-        self.ups = nn.ModuleList(Up(c_in, c_out) for c_in, c_out in zip(widths[::-1], widths[::-1][1:]))
+        self.ups = nn.ModuleList(UNetUp(c_in, c_out) for c_in, c_out in zip(widths[::-1], widths[::-1][1:]))
         self.head = nn.Sequential(nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh())  # state: C × S × S
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -320,6 +307,9 @@ class Inpainter(TranslationModel):
     def baselines(self, inputs):
         images, hole = _images_and_hole(inputs)
         return {name: fill(images, hole) for name, fill in BASELINES.items()}
+
+    def degradation(self):
+        return {"holes": self.cfg.masks.model_dump(mode="json"), "hole_value": 0, "image_size": self.image_size}
 
 
 def _images_and_hole(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
