@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from components.config import apply_overrides, apply_profile, read_params_raw  # noqa: E402
 from components.data.sources import SOURCES  # noqa: E402
 from components.evaluation.grid import save_grid  # noqa: E402
-from components.evaluation.restoration import MODEL, figure_tiles, restore_uint8, score_restorations  # noqa: E402
+from components.evaluation.restoration import MODEL, family_name, figure_tiles, restore  # noqa: E402
 from components.models import build_model  # noqa: E402
 from components.params import parse_params  # noqa: E402
 from components.training.trainer import Trainer  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit(images, labels)
     train_s = round(time.perf_counter() - start, 1)
-    scores = score_restorations(model, held_out, args.seed)
+    scores = restore(model, held_out, args.seed).scores()
     result = {"set": args.set, "train_images": images.shape[0], "held_out": held_out.shape[0], "steps": trainer.step,
               "train_s": train_s, "threads": args.threads}
     for name in scores.psnr:
@@ -86,8 +86,7 @@ def main() -> None:
     result["psnr_gain"] = round(result[MODEL]["psnr"] - result["grey"]["psnr"], 2)
     if args.figure is not None:
         picks = torch.arange(6) * args.test_per_class + torch.arange(6)  # one image each of classes 0..5
-        tiles, nrow = figure_tiles(model, restore_uint8(model, held_out[picks], args.seed), held_out[picks],
-                                   args.seed, rows=6)
+        tiles, nrow = figure_tiles(family_name(model), restore(model, held_out[picks], args.seed), rows=6)
         save_grid(tiles, args.figure, nrow=nrow)
     print(json.dumps(result))
 

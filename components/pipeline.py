@@ -190,9 +190,10 @@ def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Pa
     classifier = load_classifier(classifier_dir)
     real, real_labels = load_split(data_dir, "test")
     train, train_labels = load_split(data_dir, "train")  # fid_floor's real side, augment's scarce data
-    protocol = score_protocol(params.evaluate, evaluator=folder_hash(classifier_dir),
-                              dataset_version=dataset_version(data_dir), image_size=model.image_size)
     kind = FAMILIES.get(params.model(name).family).kind
+    protocol = score_protocol(params.evaluate, evaluator=folder_hash(classifier_dir),
+                              dataset_version=dataset_version(data_dir), image_size=model.image_size,
+                              degradation=model.degradation() if kind == "translate" else None)
     for metric, why in skipped_for_kind(params.evaluate.metrics, kind).items():
         print(f"{metric}: skipped for a {kind} model ({why})")
     inception, inception_info = inception_reference(params, inception_dir, real, dataset_version(data_dir))
@@ -267,24 +268,43 @@ def live_weight_scores(model, model_dir: Path, classifier, real, params: Params,
     return {f"{metric}_live": scores[metric]}
 
 
-def rescore_registered(model_uri: str, metric: str, protocol: dict, data_dir: Path, classifier_dir: Path) -> dict:
+def rescore_registered(model_uri: str, metric: str, protocol: dict, data_dir: Path, classifier_dir: Path,
+                       model_dir: Path) -> dict:
     """`metric` (and its interval, `<metric>_ci_low/high`) of a registered model under `protocol`: its
     samples or reconstructions, made by the model's own registered code (in a subprocess), scored here
-    with today's evaluator and held-out data."""
+    with today's evaluator and held-out data. A translate model is sent, through its pyfunc, the very
+    inputs (and masks) the model in `model_dir` (the challenger) was evaluated on, degraded by today's
+    code: its PSNR/SSIM are then paired with the same originals and baselines as the challenger's."""
     import torch
 
     from components.evaluation.evaluate import NonFiniteMetric, reference_subset, score_samples
     from components.evaluation.grid import NonFiniteSamples
     from components.evaluation.protocol import evaluate_config
-    from components.tracking.champion_samples import RegisteredModelUnloadable, registered_images
-    from components.tracking.registry import ChampionUnscorable
+    from components.tracking.champion_samples import (RegisteredModelUnloadable, registered_images,
+                                                      registered_translations)
+    from components.tracking.registry import ChampionUnscorable, model_kind
 
     real, _ = load_split(data_dir, "test")
     cfg = evaluate_config(protocol, [metric])
+    reference = reference_subset(real, cfg)
     try:
-        fake, _ = registered_images(model_uri, reference_subset(real, cfg).numpy(), cfg.seed)
-        scores = score_samples(torch.from_numpy(fake), real, load_classifier(classifier_dir), cfg,
-                               protocol["image_size"])
+        restorations = None
+        if model_kind(model_dir) == "translate":
+            from components.evaluation.restoration import MODEL, restore
+            from components.tracking.model_files import load_trained_model
+
+            today = restore(load_trained_model(Path(model_dir), device=str(device())), reference, cfg.seed)
+            mask = None if today.mask is None else today.mask.numpy()
+            theirs = torch.from_numpy(registered_translations(model_uri, today.inputs.numpy(), mask))
+            try:
+                restorations = today.with_model_outputs(theirs)
+            except ValueError as exc:  # another output size or channel count: not the same task
+                raise ChampionUnscorable(f"{model_uri}: {exc}") from exc
+            fake = restorations.outputs[MODEL]
+        else:
+            fake = torch.from_numpy(registered_images(model_uri, reference.numpy(), cfg.seed)[0])
+        scores = score_samples(fake, real, load_classifier(classifier_dir), cfg, protocol["image_size"],
+                               kind=model_kind(model_dir), restorations=restorations)
     except (RegisteredModelUnloadable, NonFiniteSamples, NonFiniteMetric) as exc:
         raise ChampionUnscorable(str(exc)) from exc
     return {k: v for k, v in scores.items() if k in (metric, f"{metric}_ci_low", f"{metric}_ci_high")}

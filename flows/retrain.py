@@ -89,7 +89,8 @@ def register(model: str, params: Params) -> Registration:
     metric = params.registry.metric_for(model_kind(model_dir))
 
     def rescore(version: str, protocol: dict) -> dict:
-        return rescore_registered(f"models:/{name}/{version}", metric, protocol, data_dir, classifier_dir)
+        return rescore_registered(f"models:/{name}/{version}", metric, protocol, data_dir, classifier_dir,
+                                  model_dir)
 
     result = register_model(name, model_dir, eval_dir, lineage, params.registry, rescore)
     get_run_logger().info("%s v%s: %s (%s)", result.name, result.version, result.decision, result.reason)

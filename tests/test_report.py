@@ -120,12 +120,12 @@ def training_run(family: str, seed: int) -> str:
     return run_id
 
 
-def register_version(root: Path, family: str, seed: int, fid: float) -> None:
+def register_version(root: Path, family: str, seed: int, fid: float, **overrides) -> None:
     from components.evaluation.grid import save_grid
     from components.tracking.registry import register_model
     from components.training.checkpoint import write_json
 
-    model_dir, eval_dir = save_model_folder(root, family, seed), root / f"eval-{family}-{seed}"
+    model_dir, eval_dir = save_model_folder(root, family, seed, **overrides), root / f"eval-{family}-{seed}"
     write_json({"fid": fid}, eval_dir / "metrics.json")
     write_json(PROTOCOL, eval_dir / "protocol.json")
     save_grid(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), eval_dir / "grid.png")
@@ -136,7 +136,8 @@ def register_version(root: Path, family: str, seed: int, fid: float) -> None:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    """Reports of a dcgan's challenger (beside its champion) and of an autoencoder, from a real store."""
+    """Reports of a dcgan's and an inpainter's challengers (beside their champions) and of an
+    autoencoder, from a real store."""
     from components.reporting.report import build_report
 
     root = tmp_path_factory.mktemp("report")
@@ -148,11 +149,18 @@ def reports(tmp_path_factory):
         register_version(root, "dcgan", seed=0, fid=50.0)
         register_version(root, "dcgan", seed=1, fid=60.0)  # kept: v1 stays champion
         register_version(root, "ae", seed=0, fid=40.0)
+        from model_configs import model_fields
+
+        holes = model_fields("inpaint")["masks"]
+        boxes_only = {**holes, "strokes": {**holes["strokes"], "weight": 0.0}, "band": {**holes["band"], "weight": 0.0}}
+        register_version(root, "inpaint", seed=0, fid=50.0, masks=boxes_only)  # the champion: other holes
+        register_version(root, "inpaint", seed=1, fid=60.0)
         import mlflow
 
         mlflow.set_tracking_uri(f"sqlite:///{root / 'home' / 'mlflow.db'}")
         pages = {"dcgan": build_report("toy-dcgan@challenger", data, count=16),
-                 "ae": build_report("toy-ae/1", data, count=16)}
+                 "ae": build_report("toy-ae/1", data, count=16),
+                 "inpaint": build_report("toy-inpaint@challenger", data, count=15)}
         for key, page in pages.items():
             (root / f"{key}.html").write_text(page)
         yield root, pages
@@ -177,6 +185,30 @@ def test_a_challengers_report_compares_it_with_the_champion_at_the_same_seed(rep
     assert ours.shape == champions.shape == (2 + 4 * 30, 2 + 4 * 30)  # 16 samples, 4 × 4, 2-pixel borders
     assert not np.array_equal(ours, champions)  # two different models at the same seed
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained: nothing fetched
+
+
+def test_a_translate_challenger_and_its_champion_restore_the_very_same_inputs(reports):
+    """The champion (its own registered code) is sent this report's inputs and masks, although it
+    was trained on holes of another kind: the input and baseline columns of the two figures are the
+    same pixels, only the models' columns differ."""
+    page = reports[1]["inpaint"]
+    assert "v2 at seed 0" in page and "champion v1 at seed 0 (its own registered code)" in page
+    ours, champions = embedded_pngs(page)[:2]
+    assert ours.shape == champions.shape
+    tile = 2 + 28 * 4  # a 28 px image zoomed 4x to reach FIGURE_SIDE, and the grid's border
+    column = lambda image, k: image[:, 2 + k * tile: (k + 1) * tile]  # noqa: E731
+    for k, name in enumerate(["input", "mean_fill", "nearest_fill"]):
+        assert np.array_equal(column(ours, k), column(champions, k)), name
+    assert not np.array_equal(column(ours, 3), column(champions, 3))  # two models
+    assert np.array_equal(column(ours, 4), column(champions, 4))  # the originals
+    # Both keep every known pixel: where this version's restoration is the original (outside the
+    # hole both were sent), the champion's is too. Sent holes of its own kind, it would differ there.
+    band = 2 * 12 + 2  # a tile's caption band, below its image
+    rows = [slice(2 + r * (tile + band), 2 + r * (tile + band) + tile - 2) for r in range(ours.shape[0] // (tile + band))]
+    original, mine, theirs = (np.concatenate([column(image, k)[r] for r in rows])
+                              for image, k in ((ours, 4), (ours, 3), (champions, 3)))
+    known = mine == original
+    assert known.mean() > 0.5 and (theirs[known] == original[known]).mean() > 0.99
 
 
 def test_the_report_draws_the_training_curves_of_the_versions_run(reports):

@@ -176,10 +176,10 @@ def test_reconstruct_requests_are_normalised():
 
 # --- real registered models ------------------------------------------------------------------------
 
-def save_model_folder(root: Path, family: str, seed: int = 0) -> Path:
+def save_model_folder(root: Path, family: str, seed: int = 0, **overrides) -> Path:
     from components.tracking.model_files import save_trained_model
 
-    cfg = model_config(family, seed=seed)
+    cfg = model_config(family, seed=seed, **overrides)
     model = build_model(cfg, 1, 10, CLASSES)
     with torch.no_grad():  # untrained weights draw near-constant images; spread them so images differ
         for param in model.parameters():

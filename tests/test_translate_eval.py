@@ -77,7 +77,7 @@ def test_srresnet_is_scored_beside_bicubic_deterministically(held_out, classifie
     # The same PSNR as torchmetrics' over the whole image (no mask), from the restorations themselves.
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    batch = next(restore(model, reference_subset(held_out, settings()), seed=7))
+    batch = restore(model, reference_subset(held_out, settings()), seed=7)
     per_image = peak_signal_noise_ratio(batch.outputs[MODEL].float() / 255, batch.clean.float() / 255,
                                         data_range=1.0, reduction="none", dim=(1, 2, 3))
     assert math.isclose(first["psnr"], float(per_image.mean()), rel_tol=1e-5)
@@ -117,7 +117,7 @@ def test_inpainting_is_scored_inside_the_mask_beside_its_fills(held_out, classif
     assert math.isclose(out["psnr_gain"], out["psnr"] - max(out["psnr_mean_fill"], out["psnr_nearest_fill"]),
                         abs_tol=1e-9)
     # Inside the mask only: the model keeps every known pixel, so over the whole image it would score higher.
-    batch = next(restore(model, reference_subset(held_out, settings()), seed=7))
+    batch = restore(model, reference_subset(held_out, settings()), seed=7)
     assert batch.mask is not None and batch.mask.sum() > 0
     inside, _ = pixel_scores(batch.outputs[MODEL], batch.clean, batch.mask)
     whole, _ = pixel_scores(batch.outputs[MODEL], batch.clean)
@@ -199,8 +199,9 @@ def test_a_psnr_gate_registers_higher_psnr_and_judges_an_unrescorable_champion_o
     tags = store.get_model_version("toy-dcgan", "3").tags
     assert tags["promotion.rule"] == "psnr higher by more than registry.min_improvement 0.5 and beyond both intervals"
 
-    # Re-scoring from the champion's stored images cannot give a PSNR (it needs the model): the
-    # challenger is judged on the floor instead of failing the registration.
+    # A re-score that gives no PSNR (pipeline.rescore_registered gives one, tested in
+    # test_translate_serving; this stands for any that cannot): the challenger is judged on the floor
+    # instead of failing the registration.
     other = {**PROTOCOL, "evaluator": "e2"}
     floor = register(candidate(4, 20.5, (20.3, 20.7)), other, rescore=lambda version, protocol: {"fid": 40.0},
                      cfg=gate)

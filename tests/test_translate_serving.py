@@ -192,6 +192,56 @@ def write_image(path, pixels: np.ndarray, **save) -> str:
     return str(path)
 
 
+def test_a_translate_champion_is_rescored_on_todays_inputs_through_its_pyfunc(registered, tmp_path):
+    """Under a protocol its scores were not measured under, a translate champion is sent today's
+    degraded inputs (and masks) through its registered pyfunc: scored against the same originals and
+    baselines, it gets exactly the PSNR and SSIM its own evaluation would give it."""
+    from fashion import fashion_subset
+    from components.config import EvaluateConfig
+    from components.data.pack import pack_dataset
+    from components.data.sources import RawDataset, Split
+    from components.evaluation.classifier import Classifier
+    from components.evaluation.evaluate import evaluate_model
+    from components.evaluation.protocol import evaluate_config, score_protocol
+    from components.params import load_params
+    from components.pipeline import rescore_registered
+    from components.tracking.model_files import load_trained_model
+    from components.tracking.registry import ChampionUnscorable
+    from components.training.checkpoint import save_weights
+    from model_configs import EVALUATE_EXTRAS
+
+    test, test_labels = fashion_subset(6, "test")
+    train, train_labels = fashion_subset(2)
+    split = lambda x, y, tag: Split(x.numpy(), y.numpy(), [f"{tag}#{i}" for i in range(len(y))])  # noqa: E731
+    data = load_params(Path(__file__).resolve().parents[1] / "params.yaml").data
+    pack_dataset(RawDataset(classes=CLASSES, splits={"train": split(train, train_labels, "train"),
+                                                     "test": split(test, test_labels, "test")}),
+                 tmp_path / "dataset", data, {"name": "unit"})
+    torch.manual_seed(0)
+    classifier = Classifier(1, 10, 4).eval()
+    (tmp_path / "classifier").mkdir()
+    save_weights(classifier, tmp_path / "classifier" / "classifier.safetensors")
+    (tmp_path / "classifier" / "classifier.json").write_text(json.dumps({"channels": 1, "num_classes": 10, "width": 4}))
+    cfg = EvaluateConfig(metrics=["psnr", "ssim"], num_samples=50, kid_subset_size=10, nearest_k=3,
+                         bootstrap={"samples": 20, "alpha": 0.1}, grid_size=4, seed=3, **EVALUATE_EXTRAS)
+
+    use_store(registered[0] / "home")
+    for family in ("srresnet", "inpaint"):
+        model_dir = registered[0] / f"{family}-0"
+        model = load_trained_model(model_dir)
+        protocol = score_protocol(cfg, evaluator="e2", dataset_version="d2", image_size=28,
+                                  degradation=model.degradation())
+        own = evaluate_model(model, classifier, test, evaluate_config(protocol, ["psnr", "ssim"]), kind="translate")
+        metric = {"srresnet": "psnr", "inpaint": "ssim"}[family]  # one child process each: both are paired scores
+        rescored = rescore_registered(f"models:/{registered[1][family]}/1", metric, protocol, tmp_path / "dataset",
+                                      tmp_path / "classifier", model_dir)
+        assert rescored == {k: own[k] for k in (metric, f"{metric}_ci_low", f"{metric}_ci_high")}, family
+    # Inputs the champion cannot take (an inpainter's, with masks, sent to a super-resolver): unscorable, in its words.
+    with pytest.raises(ChampionUnscorable, match=r"unknown request field\(s\) \['mask'\] for this srresnet model"):
+        rescore_registered(f"models:/{registered[1]['srresnet']}/1", "psnr", protocol, tmp_path / "dataset",
+                           tmp_path / "classifier", registered[0] / "inpaint-0")
+
+
 def test_translate_writes_the_models_image_of_a_png_and_a_jpeg(cli, registered, tmp_path):
     pyfunc = load(registered, "srresnet")
     low = images(1, (7, 7))[0]

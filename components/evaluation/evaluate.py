@@ -16,6 +16,7 @@ from components.models.base import GenerativeModel, TaskKind
 
 if TYPE_CHECKING:
     from components.evaluation.inception import InceptionReference
+    from components.evaluation.restoration import Restorations
 
 
 class NonFiniteMetric(ValueError):
@@ -39,7 +40,8 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
                   image_size: int, model: GenerativeModel | None = None,
                   real_labels: torch.Tensor | None = None, train_u8: torch.Tensor | None = None,
                   train_labels: torch.Tensor | None = None, classifier_config: ClassifierConfig | None = None,
-                  inception: InceptionReference | None = None, kind: TaskKind = "generate") -> dict[str, float]:
+                  inception: InceptionReference | None = None, kind: TaskKind = "generate",
+                  restorations: Restorations | None = None) -> dict[str, float]:
     """Metrics in cfg.metrics of uint8 samples against the reference subset of real_u8, both
     compared at `image_size` (the protocol's, whatever size the samples come in).
 
@@ -48,8 +50,8 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
     (class ids of real_u8) let a conditional model's ELBO and CAS be measured; `train_u8` (real
     training images) the dataset's fid_floor, with `train_labels` augment; `classifier_config` (the
     `classifier:` params) CAS and augment; `inception` (the inception stage's reference) and the
-    model's task `kind` the inception metric and which images are paired (a translate model's are
-    restorations of the reference: its psnr and ssim). Metrics that mean nothing for the kind
+    model's task `kind` the inception metric; a translate model's `restorations` of the reference
+    (restoration.restore, `fake` being their MODEL outputs) its psnr and ssim. Metrics that mean nothing for the kind
     (metrics.NOT_FOR_KIND) are skipped; skipped_for_kind says why.
     """
     pick = reference_indices(real_u8.shape[0], cfg)
@@ -71,6 +73,7 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
         augment=cfg.augment,
         inception=inception,
         kind=kind,
+        restorations=restorations,
     )
     results: dict[str, float] = {"num_samples": real_u8.shape[0]}
     with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global RNG: same model, same score
@@ -94,22 +97,34 @@ def evaluate_model(model: GenerativeModel, classifier: Classifier, real_u8: torc
     images, by its family's task `kind`: a sampler's samples (fixed seed), as many as the reference
     holds; a reconstructor's reconstructions of the reference images themselves."""
     reference = reference_subset(real_u8, cfg)
-    fake = evaluation_images(model, kind, reference, cfg.seed)
+    restorations = None
+    if kind == "translate":  # degraded and restored once: the scores and the figure share them
+        from components.evaluation.restoration import MODEL, restore
+
+        restorations = restore(model, reference, cfg.seed)
+        fake = restorations.outputs[MODEL]
+    else:
+        fake = evaluation_images(model, kind, reference, cfg.seed)
     results = score_samples(fake, real_u8, classifier, cfg, model.image_size, model=model, real_labels=real_labels,
                             train_u8=train_u8, train_labels=train_labels, classifier_config=classifier_config,
-                            inception=inception, kind=kind)
+                            inception=inception, kind=kind, restorations=restorations)
     if grid_path is not None:
-        images, nrow = GRIDS[kind](model, fake, reference, cfg.grid_size, cfg.seed)
+        if restorations is not None:
+            from components.evaluation.restoration import family_name, figure_tiles
+
+            # the lecture's super-resolution figure: as many rows as grid_size images fill
+            images, nrow = figure_tiles(family_name(model), restorations, rows=cfg.grid_size, max_tiles=cfg.grid_size)
+        else:
+            images, nrow = GRIDS[kind](model, fake, reference, cfg.grid_size)
         save_grid(images, grid_path, nrow=nrow)
     return results
 
 
-def _sample_grid(model: GenerativeModel, fake: torch.Tensor, reference: torch.Tensor, grid_size: int, seed: int):
+def _sample_grid(model: GenerativeModel, fake: torch.Tensor, reference: torch.Tensor, grid_size: int):
     return fake[:grid_size], None
 
 
-def _reconstruction_grid(model: GenerativeModel, fake: torch.Tensor, reference: torch.Tensor, grid_size: int,
-                         seed: int):
+def _reconstruction_grid(model: GenerativeModel, fake: torch.Tensor, reference: torch.Tensor, grid_size: int):
     """Each real image beside its reconstruction: pairs side by side, as square a grid as fits."""
     pairs = max(1, min(grid_size // 2, fake.shape[0]))
     real = resize(reference[:pairs].float(), model.image_size).round().clamp(0, 255).to(torch.uint8)
@@ -117,16 +132,7 @@ def _reconstruction_grid(model: GenerativeModel, fake: torch.Tensor, reference: 
     return interleaved, 2 * max(1, round(math.sqrt(pairs / 2)))
 
 
-def _restoration_grid(model: GenerativeModel, fake: torch.Tensor, reference: torch.Tensor, grid_size: int,
-                      seed: int):
-    """The lecture's super-resolution figure: per held-out image its input, each baseline, the
-    model's restoration (`fake`) and the original, each with its PSNR and SSIM; as many rows as
-    grid_size images fill."""
-    from components.evaluation.restoration import figure_tiles
-
-    return figure_tiles(model, fake, reference, seed, rows=grid_size, max_tiles=grid_size)
-
-
 # What an evaluation's grid shows, by task kind: (images, nrow or None for a square grid), from
-# (model, its images as evaluation_images makes them, the reference they were made from, grid_size, seed).
-GRIDS = {"generate": _sample_grid, "reconstruct": _reconstruction_grid, "translate": _restoration_grid}
+# (model, its images as evaluation_images makes them, the reference they were made from, grid_size).
+# A translate model's is the figure of its restorations (restoration.figure_tiles).
+GRIDS = {"generate": _sample_grid, "reconstruct": _reconstruction_grid}

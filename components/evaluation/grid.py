@@ -116,9 +116,9 @@ def encode_latents(model, images_u8: torch.Tensor, batch_size: int = 500) -> tor
 
 
 def _restorations(model, reference_u8: torch.Tensor, seed: int) -> torch.Tensor:
-    from components.evaluation.restoration import restore_uint8
+    from components.evaluation.restoration import MODEL, restore
 
-    return restore_uint8(model, reference_u8, seed)
+    return restore(model, reference_u8, seed).outputs[MODEL]
 
 
 # The images an evaluation scores against the reference (held-out real) images, by the model's task

@@ -20,14 +20,14 @@ import torch
 
 from components.config import AugmentConfig, BootstrapConfig, ClassifierConfig
 from components.evaluation.classifier import Classifier, accuracy, train_classifier
-from components.images import to_model_input, to_uint8
+from components.images import to_model_input
 from components.models.base import GenerativeModel
 from components.registry import Registry
 
 if TYPE_CHECKING:
     from components.evaluation import features as F
     from components.evaluation.inception import InceptionReference
-    from components.evaluation.restoration import RestorationScores
+    from components.evaluation.restoration import Restorations, RestorationScores
 
 # A perfect reconstruction has PSNR +inf, and a non-finite metric fails the evaluation: each image's
 # PSNR is capped here (an error below 1e-10 of the range, far under one 8-bit grey level's 1.5e-5).
@@ -52,6 +52,7 @@ class EvalContext:
     augment: AugmentConfig | None = None  # the `evaluate.augment` params
     inception: InceptionReference | None = None  # the `inception` stage's real side; the inception metric needs it
     kind: str = "generate"  # the model's task kind: what its images to score are (grid.EVALUATION_IMAGES)
+    restorations: Restorations | None = None  # translate: `real` degraded and restored (`fake` is the model's)
 
     @cached_property
     def real_features(self) -> F.FeatureSet:
@@ -84,9 +85,7 @@ class EvalContext:
     @cached_property
     def restoration(self) -> RestorationScores:
         """A translate model's per-image PSNR and SSIM, and every baseline's, of `real` (restoration.py)."""
-        from components.evaluation.restoration import score_restorations
-
-        return score_restorations(self.model, to_uint8(self.real.cpu()), self.seed)
+        return self.restorations.scores()
 
     def with_mean_interval(self, metric: str, per_image: torch.Tensor) -> dict[str, float]:
         """{metric: the mean of per-image scores (N,)}, with its bootstrap interval over images."""
@@ -272,7 +271,7 @@ def _translate_scores(ctx: EvalContext, metric: str) -> dict[str, float]:
 def _translate_psnr(ctx: EvalContext) -> dict[str, float]:
     from components.evaluation.restoration import MODEL
 
-    if ctx.model is None:
+    if ctx.restorations is None:
         return {}
     out = _translate_scores(ctx, "psnr")
     best = ctx.restoration.best_baseline()
@@ -300,7 +299,7 @@ def ssim(ctx: EvalContext) -> dict[str, float]:
 
 
 def _translate_ssim(ctx: EvalContext) -> dict[str, float]:
-    return {} if ctx.model is None else _translate_scores(ctx, "ssim")
+    return {} if ctx.restorations is None else _translate_scores(ctx, "ssim")
 
 
 @METRICS.register("elbo")

@@ -18,10 +18,13 @@ PROTOCOL_FILE = "protocol.json"  # beside an evaluation's metrics.json
 INCEPTION_PROTOCOL_FILE = "inception.json"  # the Inception scores' own protocol: not part of the gate's
 
 
-def score_protocol(cfg: EvaluateConfig, *, evaluator: str, dataset_version: str, image_size: int) -> dict:
+def score_protocol(cfg: EvaluateConfig, *, evaluator: str, dataset_version: str, image_size: int,
+                   degradation: dict | None = None) -> dict:
+    """`degradation`: a translate model's (TranslationModel.degradation): its PSNR/SSIM compare only
+    with scores of the same task. Other kinds have none, and their protocol no such field."""
     from components.pipeline import source_hash
 
-    return {
+    protocol = {
         "evaluator": evaluator,  # content hash of the classifier whose features the metrics use
         "reference": {"dataset_version": dataset_version, "split": "test", "seed": cfg.seed},
         "num_samples": cfg.num_samples,
@@ -33,6 +36,9 @@ def score_protocol(cfg: EvaluateConfig, *, evaluator: str, dataset_version: str,
         "image_size": image_size,  # samples and real images are compared at this size ...
         "classifier_input": INPUT_SIZE,  # ... then resized to the classifier's input
     }
+    if degradation is not None:
+        protocol["degradation"] = degradation
+    return protocol
 
 
 def protocol_key(protocol: dict) -> str:

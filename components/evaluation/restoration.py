@@ -4,8 +4,10 @@ from a generator seeded by the evaluation seed, on the model's device as in trai
 the model and by each classical baseline (`baselines`: bicubic, mean fill, …), and every restoration
 is scored against x: the lecture's super-resolution figure, in numbers and as a picture.
 
-Scores are measured on the 8-bit images a registered model serves (every restoration quantised as
-to_uint8 does), pixels in [0, 1]:
+Everything is 8-bit, as a registered model is served: the degraded inputs (and masks) are quantised
+as a request would send them, the model restores them as its pyfunc does, and every restoration is
+quantised as to_uint8 does. So another registered version (a champion) sent the same inputs through
+its pyfunc is scored on exactly the same footing (pipeline.rescore_registered). Pixels in [0, 1]:
 - PSNR (dB): 10·log10(1 / MSE) per image, the MSE over its pixels and channels, capped at
   PSNR_CAP_DB; for a family whose degrade gives a mask, over the masked pixels only.
 - SSIM (Wang et al., 2004; torchmetrics' 11-px Gaussian window): the per-pixel SSIM map averaged over
@@ -15,8 +17,7 @@ A metric is the mean over images; its interval, a bootstrap over images (interva
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,42 +34,70 @@ CAPTION_LINES, LINE_PX = 2, 12
 
 
 @dataclass
-class Restored:
-    """One batch of held-out images restored: all uint8 (n, C, H, W) on the CPU, mask float (n, 1, H, W)."""
+class Restorations:
+    """Held-out images degraded and restored, all uint8 on the CPU: what every score and figure of a
+    translate model is drawn from, made once per evaluation."""
 
-    clean: torch.Tensor  # the held-out images at the model's resolution
-    inputs: torch.Tensor  # what the model was given (degrade's "images"; another size or channel count possible)
-    outputs: dict[str, torch.Tensor]  # MODEL first, then each baseline by name
-    mask: torch.Tensor | None  # 1 where the degradation removed pixels, for families that take a mask
+    clean: torch.Tensor  # (N, C, H, W): the held-out images at the model's resolution
+    inputs: torch.Tensor  # what a model is sent, as a request sends it (degrade's "images", 8-bit)
+    mask: torch.Tensor | None  # (N, 1, H, W) of 0/1, 1 where the degradation removed pixels; mask families only
+    outputs: dict[str, torch.Tensor]  # MODEL's restorations first, then each baseline's by name
+
+    def with_model_outputs(self, outputs_u8: torch.Tensor) -> Restorations:
+        """The same inputs and baselines with another model's restorations of them (a champion's)."""
+        if outputs_u8.shape != self.clean.shape or outputs_u8.dtype != torch.uint8:
+            raise ValueError(f"restorations: expected uint8 {tuple(self.clean.shape)}, "
+                             f"got {outputs_u8.dtype} {tuple(outputs_u8.shape)}")
+        baselines = {name: images for name, images in self.outputs.items() if name != MODEL}
+        return replace(self, outputs={MODEL: outputs_u8, **baselines})
+
+    def head(self, n: int) -> Restorations:
+        return Restorations(clean=self.clean[:n], inputs=self.inputs[:n],
+                            mask=None if self.mask is None else self.mask[:n],
+                            outputs={name: images[:n] for name, images in self.outputs.items()})
+
+    def scores(self) -> RestorationScores:
+        """PSNR and SSIM of every restoration (the model's, each baseline's) against the originals."""
+        if self.clean.shape[0] == 0:
+            raise ValueError("no held-out images to restore: the evaluation needs at least 2")
+        mask = None if self.mask is None else self.mask.float()
+        per_method = {name: pixel_scores(images, self.clean, mask) for name, images in self.outputs.items()}
+        return RestorationScores(psnr={name: s[0] for name, s in per_method.items()},
+                                 ssim={name: s[1] for name, s in per_method.items()}, masked=mask is not None)
 
 
 @torch.no_grad()
-def restore(model, images_u8: torch.Tensor, seed: int) -> Iterator[Restored]:
-    """Degrade and restore uint8 images N×C×H×W (resized to the model's resolution), BATCH at a time,
-    with the degradation's randomness from one generator seeded by `seed`."""
-    from components.evaluation.grid import check_finite
+def restore(model, images_u8: torch.Tensor, seed: int) -> Restorations:
+    """Degrade uint8 images N×C×H×W (resized to the model's resolution), BATCH at a time with the
+    degradation's randomness from one generator seeded by `seed`, and restore them: by the model
+    exactly as it serves a request (8-bit inputs and mask, grid.translate_uint8), and by each
+    baseline from the same 8-bit inputs."""
+    from components.evaluation.grid import check_finite, translate_uint8
 
     device = next(model.parameters()).device
     model.eval()
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same masks on any device
+    parts: list[Restorations] = []
     for start in range(0, images_u8.shape[0], BATCH):
         x = to_model_input(images_u8[start:start + BATCH], model.image_size, device)  # (n, C, H, W) in [-1, 1]
-        inputs = model.degrade(x, generator)
-        outputs = {MODEL: model.translate(inputs), **model.baselines(inputs)}
-        for name, images in outputs.items():
+        degraded = model.degrade(x, generator)
+        inputs_u8 = to_uint8(degraded["images"]).cpu()
+        mask_u8 = None if "mask" not in degraded else degraded["mask"].round().to(torch.uint8).cpu()
+        sent = {"images": to_model_input(inputs_u8, inputs_u8.shape[-1], device)}
+        if mask_u8 is not None:
+            sent["mask"] = mask_u8.to(device).float()
+        baselines = model.baselines(sent)
+        for name, images in baselines.items():
             check_finite(images, f"{name} restorations (from image {start})")
-        mask = inputs.get("mask")
-        yield Restored(clean=to_uint8(x).cpu(), inputs=to_uint8(inputs["images"]).cpu(),
-                       outputs={name: to_uint8(images).cpu() for name, images in outputs.items()},
-                       mask=None if mask is None else mask.float().cpu())
-
-
-def restore_uint8(model, images_u8: torch.Tensor, seed: int) -> torch.Tensor:
-    """The model's restorations of uint8 images N×C×H×W at `seed`: uint8 N×C×size×size."""
-    chunks = [batch.outputs[MODEL] for batch in restore(model, images_u8, seed)]
-    if chunks:
-        return torch.cat(chunks)
-    return torch.zeros(0, model.channels, model.image_size, model.image_size, dtype=torch.uint8)
+        outputs = {MODEL: translate_uint8(model, inputs_u8, mask_u8),
+                   **{name: to_uint8(images).cpu() for name, images in baselines.items()}}
+        parts.append(Restorations(clean=to_uint8(x).cpu(), inputs=inputs_u8, mask=mask_u8, outputs=outputs))
+    if not parts:
+        empty = torch.zeros(0, model.channels, model.image_size, model.image_size, dtype=torch.uint8)
+        return Restorations(clean=empty, inputs=empty, mask=None, outputs={MODEL: empty})
+    return Restorations(clean=torch.cat([p.clean for p in parts]), inputs=torch.cat([p.inputs for p in parts]),
+                        mask=None if parts[0].mask is None else torch.cat([p.mask for p in parts]),
+                        outputs={name: torch.cat([p.outputs[name] for p in parts]) for name in parts[0].outputs})
 
 
 def pixel_scores(restored_u8: torch.Tensor, clean_u8: torch.Tensor,
@@ -108,56 +137,40 @@ class RestorationScores:
         return max(baselines, key=lambda name: float(self.psnr[name].double().mean())) if baselines else None
 
 
-def score_restorations(model, images_u8: torch.Tensor, seed: int) -> RestorationScores:
-    """PSNR and SSIM of the model's and every baseline's restorations of uint8 images N×C×H×W."""
-    parts: list[tuple[dict, dict]] = []
-    masked = False
-    for batch in restore(model, images_u8, seed):
-        masked = batch.mask is not None
-        scores = {name: pixel_scores(images, batch.clean, batch.mask) for name, images in batch.outputs.items()}
-        parts.append(({k: v[0] for k, v in scores.items()}, {k: v[1] for k, v in scores.items()}))
-    if not parts:
-        raise ValueError("no held-out images to restore: the evaluation needs at least 2")
-    join = lambda index: {name: torch.cat([p[index][name] for p in parts]) for name in parts[0][index]}  # noqa: E731
-    return RestorationScores(psnr=join(0), ssim=join(1), masked=masked)
-
-
 # --- the figure: input, each baseline, the model, the original, with PSNR/SSIM under each ---------------
 
-def figure_tiles(model, outputs_u8: torch.Tensor, reference_u8: torch.Tensor, seed: int, rows: int,
+def figure_tiles(name: str, restorations: Restorations, rows: int,
                  max_tiles: int | None = None) -> tuple[torch.Tensor, int]:
-    """The lecture's super-resolution figure for the first `rows` reference images (uint8 N×C×H×W),
-    fewer where `max_tiles` images would not hold them all (at least one row):
-    per row the input (nearest-upscaled to full size), each baseline, the model's restoration (taken
-    from `outputs_u8`, the model's restorations of the same reference at `seed`, as
-    evaluation_images makes them; another version's too), and the original; under each, its PSNR (dB)
-    and SSIM against the original (inside the mask for a mask family). Returns the captioned tiles,
-    uint8 (rows·columns, C, H', W'), row by row, and the number of columns (save_grid's nrow)."""
-    # The first batch as the evaluation degraded it: the same draws, hence the same masks.
-    batch = next(restore(model, reference_u8[:BATCH], seed))
-    width = len(batch.outputs) + 2  # input, the baselines, the model, the original
-    rows = max(1, min(rows, reference_u8.shape[0], outputs_u8.shape[0], (max_tiles or rows * width) // width))
-    mask = None if batch.mask is None else batch.mask[:rows]
-    clean = batch.clean[:rows]
-    columns = {"input": _full_size(batch.inputs[:rows], clean),
-               **{name: images[:rows] for name, images in batch.outputs.items() if name != MODEL},
-               _family(model): outputs_u8[:rows]}
-    zoom = -(-FIGURE_SIDE // clean.shape[-1])  # ceil
-    side = f"{batch.inputs.shape[-2]}x{batch.inputs.shape[-1]}"  # the default font has no ×
+    """The lecture's super-resolution figure for the first `rows` restored images, fewer where
+    `max_tiles` images would not hold them all (at least one row): per row the input (nearest-upscaled
+    to full size), each baseline, the model's restoration (captioned `name`) and the original; under
+    each, its PSNR (dB) and SSIM against the original (inside the mask for a mask family). Returns the
+    captioned tiles, uint8 (rows·columns, C, H', W'), row by row, and the number of columns (nrow)."""
+    width = len(restorations.outputs) + 2  # input, the baselines, the model, the original
+    rows = max(1, min(rows, restorations.clean.shape[0], (max_tiles or rows * width) // width))
+    shown = restorations.head(rows)
+    mask = None if shown.mask is None else shown.mask.float()
+    columns = {"input": _full_size(shown.inputs, shown.clean),
+               **{method: images for method, images in shown.outputs.items() if method != MODEL},
+               name: shown.outputs[MODEL]}
+    zoom = -(-FIGURE_SIDE // shown.clean.shape[-1])  # ceil
+    side = f"{shown.inputs.shape[-2]}x{shown.inputs.shape[-1]}"  # the default font has no ×
     tiles = []
     for i in range(rows):
-        for name, images in columns.items():
-            if name == "input":
+        for column, images in columns.items():
+            if column == "input":
                 caption = [f"input {side}" if mask is None else f"input, {float(mask[i].mean()):.0%} hole"]
             else:
-                psnr, ssim = pixel_scores(images[i:i + 1], clean[i:i + 1], None if mask is None else mask[i:i + 1])
-                caption = [name, f"{float(psnr):.2f} dB  {float(ssim):.3f}"]
+                psnr, ssim = pixel_scores(images[i:i + 1], shown.clean[i:i + 1], None if mask is None else mask[i:i + 1])
+                caption = [column, f"{float(psnr):.2f} dB  {float(ssim):.3f}"]
             tiles.append(_captioned(images[i], zoom, caption))
-        tiles.append(_captioned(clean[i], zoom, ["original", "in mask: dB  SSIM" if mask is not None else "dB  SSIM"]))
+        tiles.append(_captioned(shown.clean[i], zoom,
+                                ["original", "in mask: dB  SSIM" if mask is not None else "dB  SSIM"]))
     return torch.stack(tiles), width
 
 
-def _family(model) -> str:
+def family_name(model) -> str:
+    """What a figure calls the model's column: its family ("srgan")."""
     cfg = getattr(model, "cfg", None)
     return getattr(cfg, "family", None) or type(model).__name__
 

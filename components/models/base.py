@@ -155,6 +155,11 @@ class TranslationModel(GenerativeModel):
         """What each classical method makes of the same inputs, by name ("bicubic"), in [-1, 1] (N, C, H, W)."""
         raise NotImplementedError
 
+    def degradation(self) -> dict:
+        """What `degrade` does, as the settings that define it (JSON-able): two versions' PSNR and SSIM
+        compare only when these are equal (the score protocol holds them)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.translate(self.degrade(x, generator))

@@ -113,6 +113,9 @@ class SRResNet(TranslationModel):
     def baselines(self, inputs):
         return {"bicubic": upscale_bicubic(inputs["images"], self.cfg.scale)}
 
+    def degradation(self):
+        return {"downscale": "bicubic, antialiased", "scale": self.cfg.scale, "image_size": self.image_size}
+
 
 def input_shape(cfg: SRConfig, channels: int) -> tuple[int, int, int]:
     side = cfg.image_size // cfg.scale

@@ -58,10 +58,10 @@ def _restoration_strip(model: GenerativeModel, reference_u8: torch.Tensor, rows:
     """A translate model has no latent space to walk: its rows are the lecture's super-resolution
     figure (input, baselines, model, original, with PSNR/SSIM) of `rows` held-out images picked at
     the seed; `steps` is unused (the columns are the family's baselines)."""
-    from components.evaluation.restoration import figure_tiles, restore_uint8
+    from components.evaluation.restoration import family_name, figure_tiles, restore
 
     pick = torch.randperm(reference_u8.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
-    tiles, _ = figure_tiles(model, restore_uint8(model, reference_u8[pick], seed), reference_u8[pick], seed, rows)
+    tiles, _ = figure_tiles(family_name(model), restore(model, reference_u8[pick], seed), rows)
     return tiles
 
 

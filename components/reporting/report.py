@@ -151,7 +151,8 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
     searched for near copies)."""
     from components.data.pack import DataError, load_split
     from components.evaluation.evaluate import GRIDS
-    from components.tracking.champion_samples import registered_images
+    from components.evaluation.restoration import MODEL, family_name, figure_tiles, restore
+    from components.tracking.champion_samples import registered_images, registered_translations
 
     if count < 1:
         raise ReportError(f"-n {count}: draw at least one image")
@@ -164,20 +165,31 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
     reference = reference[:count]
     with tempfile.TemporaryDirectory(prefix="genpipe-report-") as tmp:
         model, kind = _load(version, Path(tmp) / "model")
-        images = evaluation_images(model, kind, reference, seed)
-        shown, nrow = GRIDS[kind](model, images, reference, count, seed)
+        restorations = restore(model, reference, seed) if kind == "translate" else None
+        if restorations is not None:
+            images = restorations.outputs[MODEL]
+            shown, nrow = figure_tiles(family_name(model), restorations, rows=count, max_tiles=count)
+        else:
+            images = evaluation_images(model, kind, reference, seed)
+            shown, nrow = GRIDS[kind](model, images, reference, count)
         sections = [_summary(version, kind)]
         pictures = [_picture(f"v{version.version} at seed {seed} (drawn with today's code)", shown, nrow)]
         other = _other(version)
         if other is not None:
             alias, other_version = other
+            uri = f"models:/{version.name}/{other_version}"
             try:
-                theirs, _ = registered_images(f"models:/{version.name}/{other_version}", reference.numpy(), seed)
-                # a translate model's inputs and baselines are this version's degradation of the reference
-                theirs_shown, _ = GRIDS[kind](model, torch.from_numpy(theirs), reference, count, seed)
+                if restorations is not None:  # the very inputs (and masks) above, sent to its pyfunc
+                    mask = None if restorations.mask is None else restorations.mask.numpy()
+                    theirs = torch.from_numpy(registered_translations(uri, restorations.inputs.numpy(), mask))
+                    theirs_shown, _ = figure_tiles(f"v{other_version}", restorations.with_model_outputs(theirs),
+                                                   rows=count, max_tiles=count)
+                else:
+                    theirs, _ = registered_images(uri, reference.numpy(), seed)
+                    theirs_shown, _ = GRIDS[kind](model, torch.from_numpy(theirs), reference, count)
                 pictures.append(_picture(f"{alias} v{other_version} at seed {seed} (its own registered code)",
                                          theirs_shown, nrow))
-            except RuntimeError as exc:  # RegisteredModelUnloadable, or another failure of its child process
+            except (RuntimeError, ValueError) as exc:  # RegisteredModelUnloadable, a child's failure, another shape
                 pictures.append(Picture(f"{alias} v{other_version} could not be drawn: {exc}"[:300],
                                         png_bytes(torch.zeros(1, 1, 8, 8, dtype=torch.uint8)), 16))
         sections.append(Section("Images at the same seed", "The same requests at the same seed; each version is "

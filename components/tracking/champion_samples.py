@@ -1,9 +1,10 @@
-"""Images of a registered model (samples, or reconstructions), made with the code it was registered with.
+"""Images of a registered model (samples, reconstructions or translations), made with the code it
+was registered with.
 
 A champion registered by older code is loaded in a fresh interpreter, where MLflow puts the
 model's own code snapshot (its code_paths) first on sys.path, so today's components never mix
-with it. The reference images go to it as a .npy file; only its images come back, and today's
-evaluator scores them.
+with it. The reference images (or, for a translate model, today's degraded inputs and masks) go to
+it as .npy files; only its images come back, and today's evaluator scores them.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from components.state import mlflow_tracking_uri
 # machine or the network (memory, files, a killed child) is left to the parent as worth a retry.
 _CHILD = r"""
 import json, sys, traceback
-uri, reference_path, seed, out, status, dst = sys.argv[1:7]
+uri, mode, reference_path, mask_path, seed, out, status, dst = sys.argv[1:9]
 def report(**info):
     with open(status, "w") as f:
         json.dump(info, f)
@@ -44,13 +45,26 @@ try:
     import components, torch
     python_model = model.unwrap_python_model()
     report(stage="sample", code=components.__file__)
-    try:
-        from components.evaluation.grid import evaluation_images
-    except ImportError:  # code from before task kinds: every family in it is a sampler
-        from components.evaluation.grid import sample_uint8
-        images = sample_uint8(python_model.model, reference.shape[0], int(seed))
+    if mode == "translate":  # today's inputs, through the model's own pyfunc: as a request would send them
+        kind = getattr(python_model, "kind", "generate")
+        if kind != "translate":
+            raise TypeError(f"a {kind} model does not translate images")
+        mask = np.load(mask_path, allow_pickle=False) if mask_path != "-" else None
+        chunks = []
+        for start in range(0, reference.shape[0], 500):
+            request = {"images": reference[start:start + 500]}
+            if mask is not None:
+                request["mask"] = mask[start:start + 500]
+            chunks.append(np.asarray(model.predict(request)))
+        images = torch.from_numpy(np.concatenate(chunks))
     else:
-        images = evaluation_images(python_model.model, python_model.kind, torch.from_numpy(reference), int(seed))
+        try:
+            from components.evaluation.grid import evaluation_images
+        except ImportError:  # code from before task kinds: every family in it is a sampler
+            from components.evaluation.grid import sample_uint8
+            images = sample_uint8(python_model.model, reference.shape[0], int(seed))
+        else:
+            images = evaluation_images(python_model.model, python_model.kind, torch.from_numpy(reference), int(seed))
 except (MemoryError, OSError):
     raise
 except Exception as exc:
@@ -72,16 +86,37 @@ def registered_images(model_uri: str, reference_u8: np.ndarray, seed: int,
                       timeout_s: float = 1800) -> tuple[np.ndarray, str]:
     """The uint8 images (N×C×H×W) a registered model makes for scoring against `reference_u8`
     (held-out real images, uint8 N×C×H×W) by its task kind: a sampler's samples at `seed`, as many
-    as the reference holds; a reconstructor's reconstructions of the reference images. Also the
-    path of the components package that made them (inside the model's downloaded code snapshot).
+    as the reference holds; a reconstructor's reconstructions of the reference images; a
+    translator's restorations of them as its own code degrades them (registered_translations sends
+    today's inputs instead). Also the path of the components package that made them (inside the
+    model's downloaded code snapshot).
 
     Raises RegisteredModelUnloadable for the model's own failures, RuntimeError for the rest.
     """
+    return _run_child(model_uri, "images", reference_u8, None, seed, timeout_s)
+
+
+def registered_translations(model_uri: str, inputs_u8: np.ndarray, mask_u8: np.ndarray | None,
+                            timeout_s: float = 1800) -> np.ndarray:
+    """What a registered translate model makes of `inputs_u8` (uint8 N×(its input shape)) and, for
+    a family that takes one, `mask_u8` (uint8 N×1×H×W of 0/1): its pyfunc's answer to these
+    requests, uint8 N×C×H×W. Another kind of model, or inputs its code refuses, raise
+    RegisteredModelUnloadable; the machine's troubles RuntimeError."""
+    images, _ = _run_child(model_uri, "translate", inputs_u8, mask_u8, 0, timeout_s)
+    return images
+
+
+def _run_child(model_uri: str, mode: str, images_u8: np.ndarray, mask_u8: np.ndarray | None, seed: int,
+               timeout_s: float) -> tuple[np.ndarray, str]:
     with tempfile.TemporaryDirectory(prefix="genpipe-champion-") as tmp:
         out, status, reference = Path(tmp) / "images.npy", Path(tmp) / "status.json", Path(tmp) / "reference.npy"
-        np.save(reference, np.ascontiguousarray(reference_u8, dtype=np.uint8))
+        np.save(reference, np.ascontiguousarray(images_u8, dtype=np.uint8))
+        mask = "-"
+        if mask_u8 is not None:
+            mask = str(Path(tmp) / "mask.npy")
+            np.save(mask, np.ascontiguousarray(mask_u8, dtype=np.uint8))
         proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, model_uri, str(reference), str(seed), str(out), str(status), tmp],
+            [sys.executable, "-c", _CHILD, model_uri, mode, str(reference), mask, str(seed), str(out), str(status), tmp],
             cwd=tmp, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_tracking_uri()},
             capture_output=True, text=True, timeout=timeout_s)
         info = json.loads(status.read_text()) if status.is_file() else {"stage": "start"}
