@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from test_train_stage import stage  # noqa: F401  (the fixture)
+from model_configs import model_config
 from test_trainer import make, small_cfg, structured_images
 
 from components.models import GenerativeModel
@@ -81,6 +82,28 @@ def test_fit_leaves_the_exact_average_in_the_model_and_the_live_weights_beside_i
     for k, v in model.discriminator.state_dict().items():
         assert torch.equal(live[f"discriminator.{k}"], v), k  # D is not averaged
     assert not model.training
+
+
+def test_a_translate_models_batch_norm_is_measured_on_degraded_training_images_for_its_average():
+    """Not only samplers: an inpainter's averaged U-Net gets batch-norm statistics of its own, from
+    training images holed as in training, reproducibly from the seed."""
+    images, labels = structured_images(48)
+    cfg = model_config("inpaint", epochs=1, batch_size=16, ema_decay=0.8)
+    model = make(cfg)
+    live_running = {}
+
+    def record(values, step):
+        live_running.update({k: v.clone() for k, v in model.state_dict().items() if k.endswith("running_mean")})
+
+    trainer = Trainer(model, cfg, log_every=1, log_fn=record, progress=False)
+    trainer.fit(images, labels)
+    averaged = [k for k in live_running if k.startswith(tuple(f"{m}." for m in model.ema_modules))]
+    assert averaged and all(not torch.equal(model.state_dict()[k], live_running[k]) for k in averaged)
+    again = copy.deepcopy(model)
+    trainer.ema.recalibrate_batch_norm(again, stream_seed(cfg.seed, "batch-norm"), "translate", images)
+    assert all(torch.equal(again.state_dict()[k], model.state_dict()[k]) for k in averaged)
+    with pytest.raises(ValueError, match="needs its training images"):
+        trainer.ema.recalibrate_batch_norm(again, 0, "translate")
 
 
 def test_without_ema_the_live_weights_are_the_model():

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from components.images import to_model_input
 from components.models.base import GenerativeModel
 
 
@@ -17,8 +18,8 @@ class EMA:
     Update t (0-based) uses decay min(decay, (1 + t) / (10 + t)): a warm-up, so that in a short run
     the average is not dominated by the random initial weights (TensorFlow's
     ExponentialMovingAverage with num_updates). Buffers (batch-norm running statistics) are copied
-    from the live model at each update (for checkpoints and the sentinel); at the end of training a
-    sampler's statistics are measured again for the averaged weights (recalibrate_batch_norm).
+    from the live model at each update (for checkpoints and the sentinel); at the end of training
+    they are measured again for the averaged weights (recalibrate_batch_norm).
     """
 
     def __init__(self, model: GenerativeModel, decay: float):
@@ -62,13 +63,16 @@ class EMA:
             self._live[k].copy_(v)
 
     @torch.no_grad()
-    def recalibrate_batch_norm(self, model: GenerativeModel, seed: int, images: int = 4096,
+    def recalibrate_batch_norm(self, model: GenerativeModel, seed: int, kind: str = "generate",
+                               data_u8: torch.Tensor | None = None, images: int = 4096,
                                batch_size: int = 256) -> None:
         """Batch-norm statistics measured for the averaged weights (in the model, after copy_to_model):
         the statistics copied from the live weights do not fit them, which made the average lose
-        to the live weights (DCGAN: FID 146 vs 134). Runs the sampler in train mode over `images`
-        samples, the noise drawn from its own seeded generator; a model without batch norm in its
-        ema_modules is left as it is."""
+        to the live weights (DCGAN: FID 146 vs 134). Runs the model in train mode over `images`
+        images, all randomness from its own seeded generator: a sampler (task `kind` "generate")
+        draws samples; another kind reconstructs training images drawn from `data_u8` (uint8
+        N×C×H×W), a translate model degrading them as in training. A model without batch norm in
+        its ema_modules is left as it is."""
         norms = [m for name in model.ema_modules for m in getattr(model, name).modules()
                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         if not norms:
@@ -83,7 +87,14 @@ class EMA:
             m.train()
         generator = torch.Generator().manual_seed(seed)
         for _ in range(images // batch_size):
-            model.sample(batch_size, generator=generator)
+            if kind == "generate":
+                model.sample(batch_size, generator=generator)
+                continue
+            if data_u8 is None:
+                raise ValueError(f"recalibrating a {kind} model's batch norm needs its training images")
+            pick = torch.randint(data_u8.shape[0], (batch_size,), generator=generator)
+            x = to_model_input(data_u8[pick], model.image_size, next(model.parameters()).device)
+            model.reconstruct(x, generator) if kind == "translate" else model.reconstruct(x)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         model.train(was_training)

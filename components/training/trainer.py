@@ -252,7 +252,7 @@ class Trainer:
             print(f"checkpoint {self.checkpoint_path} holds the finished training; not training again")
             if self.log_fn is not None and self.last:
                 self.log_fn(self.last, self.step)
-            return self._finish()
+            return self._finish(images)
         if self._good is None:
             self._good = copy.deepcopy(self._state())  # where a divergence before the first checkpoint returns
         images, labels = images.to(self.device), labels.to(self.device)  # preloaded: no copy per step on a GPU
@@ -302,7 +302,7 @@ class Trainer:
             if checkpoint_now and (self.step < total or self.checkpoint_path is not None):
                 self._keep_good_state()
         bar.close()
-        return self._finish()
+        return self._finish(images)
 
     def _divergence(self, scan_weights: bool) -> Divergence | None:
         """The first NaN/Inf loss or gradient since the last check (one host sync); before a
@@ -331,13 +331,15 @@ class Trainer:
             finally:
                 self.model.train()
 
-    def _finish(self) -> dict[str, float]:
-        """Leave the model in eval mode holding what is evaluated and registered: the EMA if any."""
+    def _finish(self, images: torch.Tensor) -> dict[str, float]:
+        """Leave the model in eval mode holding what is evaluated and registered: the EMA if any,
+        its batch-norm statistics measured again for it (on `images`, the training images, for a
+        model that is not a sampler)."""
         if self.ema is not None:
             self._live = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.ema.copy_to_model()
-            if FAMILIES.get(self.cfg.family).kind == "generate":
-                self.ema.recalibrate_batch_norm(self.model, stream_seed(self.cfg.seed, "batch-norm"))
+            self.ema.recalibrate_batch_norm(self.model, stream_seed(self.cfg.seed, "batch-norm"),
+                                            FAMILIES.get(self.cfg.family).kind, images)
         self.model.eval()
         return dict(self.last)
 
