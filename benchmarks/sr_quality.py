@@ -5,7 +5,7 @@ of the same low-resolution inputs: PSNR and SSIM (torchmetrics, per image, data 
 uint8 outputs as a registered model returns them), the evaluator FID of the outputs against the
 real images, and edge_ratio, the outputs' mean neighbouring-pixel difference over the real images'
 (a sharpness measure that, unlike FID, does not use the features srgan's perceptual loss compares).
-The numbers behind params.yaml's srresnet/srgan defaults; the defaults run in ~2 minutes on 2 cores.
+The numbers behind the srresnet (zoo profile) and srgan (params.yaml) settings; ~2.5 minutes on 2 cores.
 
     .venv/bin/python benchmarks/sr_quality.py --models srresnet srgan --set srgan.perceptual_weight=0.1
 
@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,30 +32,24 @@ from components.config import apply_overrides, apply_profile, read_params_raw  #
 from components.data.sources import SOURCES  # noqa: E402
 from components.evaluation.evaluate import reference_subset  # noqa: E402
 from components.evaluation.features import extract, fid  # noqa: E402
-from components.images import to_model_input, to_uint8  # noqa: E402
+from components.evaluation.grid import save_grid  # noqa: E402
+from components.evaluation.restoration import MODEL, Restorations, figure_tiles, restore  # noqa: E402
 from components.models import build_model  # noqa: E402
 from components.params import parse_params  # noqa: E402
 from components.training.trainer import Trainer  # noqa: E402
 from sample_quality import evaluator  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
 
-def unit(images_u8: torch.Tensor) -> torch.Tensor:
-    return images_u8.float() / 255
-
-
 @torch.no_grad()
-def scores(outputs_u8: torch.Tensor, real_u8: torch.Tensor, real_features: torch.Tensor, classifier) -> dict:
-    """PSNR (dB), SSIM and evaluator FID of uint8 outputs against the real images they restore."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-    out, real = unit(outputs_u8), unit(real_u8)
-    psnr = peak_signal_noise_ratio(out, real, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    ssim = torch.cat([structural_similarity_index_measure(o, r, data_range=1.0, reduction="none")
-                      for o, r in zip(out.split(500), real.split(500))])
-    fake_features = extract(classifier, outputs_u8.float() / 127.5 - 1).features
-    return {"psnr": round(float(psnr.mean()), 3), "ssim": round(float(ssim.mean()), 4),
+def scores(restored: Restorations, method: str, real_features: torch.Tensor, classifier) -> dict:
+    """PSNR (dB) and SSIM as the evaluate stage measures them (restoration.pixel_scores), the
+    evaluator FID of the uint8 outputs against the real images, and the edge ratio."""
+    per_image = restored.scores()
+    outputs = restored.outputs[method]
+    fake_features = extract(classifier, outputs.float() / 127.5 - 1).features
+    return {"psnr": round(float(per_image.psnr[method].mean()), 3), "ssim": round(float(per_image.ssim[method].mean()), 4),
             "fid": round(fid(real_features, fake_features), 2),
-            "edge_ratio": round(edge_energy(out) / edge_energy(real), 3)}
+            "edge_ratio": round(edge_energy(outputs.float() / 255) / edge_energy(restored.clean.float() / 255), 3)}
 
 
 def edge_energy(images: torch.Tensor) -> float:
@@ -63,15 +58,15 @@ def edge_energy(images: torch.Tensor) -> float:
     return float((images.diff(dim=-1).abs().mean() + images.diff(dim=-2).abs().mean()) / 2)
 
 
-@torch.no_grad()
-def restore(model, real_u8: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the model's outputs, bicubic's) for the degraded real images, both uint8 N×C×H×W."""
-    outputs, bicubic = [], []
-    for chunk in real_u8.split(batch_size):
-        inputs = model.degrade(to_model_input(chunk, model.image_size, "cpu"))
-        outputs.append(to_uint8(model.translate(inputs)))
-        bicubic.append(to_uint8(model.baselines(inputs)["bicubic"]))
-    return torch.cat(outputs), torch.cat(bicubic)
+def lecture_figure(restored: dict[str, Restorations], path: Path) -> None:
+    """The lecture's figure: per held-out image its input, bicubic, each model (in --models order) and
+    the original, with PSNR/SSIM under each."""
+    *first, last = restored
+    final = restored[last]
+    columns = {MODEL: final.outputs[MODEL], "bicubic": final.outputs["bicubic"],
+               **{name: restored[name].outputs[MODEL] for name in first}}
+    tiles, nrow = figure_tiles(last, replace(final, outputs=columns), rows=final.clean.shape[0])
+    save_grid(tiles, path, nrow=nrow)
 
 
 def main() -> None:
@@ -83,6 +78,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--cache", type=Path, default=ROOT / ".genpipe" / "bench")
     parser.add_argument("--json", type=Path, help="append the result as one JSON line to this file")
+    parser.add_argument("--figure", type=Path, help="write the lecture's figure of the first --rows held-out "
+                                                    "images here (PNG): input, bicubic, each model, original")
+    parser.add_argument("--rows", type=int, default=4, choices=range(1, 65), metavar="1..64")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     raw = read_params_raw(ROOT / "params.yaml")
@@ -99,6 +97,7 @@ def main() -> None:
     real_features = extract(classifier, real.float() / 127.5 - 1).features
 
     result: dict = {"set": args.set, "threads": args.threads, "num_samples": real.shape[0]}
+    figure: dict[str, Restorations] = {}
     for name in args.models:
         cfg = params.model(name)
         model = build_model(cfg, images.shape[1], len(data.classes), data.classes)
@@ -110,11 +109,14 @@ def main() -> None:
         start = time.perf_counter()
         trainer.fit(images, labels)
         train_s = round(time.perf_counter() - start, 1)
-        outputs, bicubic = restore(model, real)
-        result[name] = {"train_s": train_s, **scores(outputs, real, real_features, classifier)}
-        result.setdefault("bicubic", scores(bicubic, real, real_features, classifier))
+        restored = restore(model, real, params.evaluate.seed)  # 8-bit inputs and outputs, as served
+        figure[name] = restored.head(args.rows)
+        result[name] = {"train_s": train_s, **scores(restored, MODEL, real_features, classifier)}
+        result.setdefault("bicubic", scores(restored, "bicubic", real_features, classifier))
         print(f"{name}: {result[name]}  bicubic: {result['bicubic']}", flush=True)
     print(json.dumps(result))
+    if args.figure is not None:
+        lecture_figure(figure, args.figure)
     if args.json is not None:
         with args.json.open("a") as f:
             f.write(json.dumps(result) + "\n")

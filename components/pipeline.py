@@ -183,7 +183,8 @@ def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Pa
     from components.evaluation.metrics import skipped_for_kind
     from components.models import FAMILIES
     from components.evaluation.pictures import write_pictures
-    from components.evaluation.protocol import INCEPTION_PROTOCOL_FILE, PROTOCOL_FILE, folder_hash, score_protocol
+    from components.evaluation.protocol import (INCEPTION_PROTOCOL_FILE, PROTOCOL_FILE, degradation_protocol,
+                                                folder_hash, score_protocol)
     from components.tracking.model_files import load_trained_model
 
     model = load_trained_model(Path(model_dir), device=str(device()))
@@ -193,7 +194,7 @@ def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Pa
     kind = FAMILIES.get(params.model(name).family).kind
     protocol = score_protocol(params.evaluate, evaluator=folder_hash(classifier_dir),
                               dataset_version=dataset_version(data_dir), image_size=model.image_size,
-                              degradation=model.degradation() if kind == "translate" else None)
+                              degradation=degradation_protocol(model) if kind == "translate" else None)
     for metric, why in skipped_for_kind(params.evaluate.metrics, kind).items():
         print(f"{metric}: skipped for a {kind} model ({why})")
     inception, inception_info = inception_reference(params, inception_dir, real, dataset_version(data_dir))
@@ -257,11 +258,13 @@ def live_weight_scores(model, model_dir: Path, classifier, real, params: Params,
     live_path = model_dir / "live.safetensors"
     if not live_path.is_file():
         return {}
+    from components.evaluation.gating import measured_by
+
     metric = params.registry.metric_for(kind)
     averaged = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(load_file(str(live_path)))
-    try:
-        cfg = params.evaluate.model_copy(update={"metrics": [metric], "bootstrap": None})  # the value is all it needs
+    try:  # the value is all it needs: no interval
+        cfg = params.evaluate.model_copy(update={"metrics": [measured_by(metric)], "bootstrap": None})
         scores = evaluate_model(model, classifier, real, cfg, kind=kind)
     finally:
         model.load_state_dict(averaged)
@@ -278,6 +281,7 @@ def rescore_registered(model_uri: str, metric: str, protocol: dict, data_dir: Pa
     import torch
 
     from components.evaluation.evaluate import NonFiniteMetric, reference_subset, score_samples
+    from components.evaluation.gating import measured_by
     from components.evaluation.grid import NonFiniteSamples
     from components.evaluation.protocol import evaluate_config
     from components.tracking.champion_samples import (RegisteredModelUnloadable, registered_images,
@@ -285,15 +289,17 @@ def rescore_registered(model_uri: str, metric: str, protocol: dict, data_dir: Pa
     from components.tracking.registry import ChampionUnscorable, model_kind
 
     real, _ = load_split(data_dir, "test")
-    cfg = evaluate_config(protocol, [metric])
+    cfg = evaluate_config(protocol, [measured_by(metric)])
     reference = reference_subset(real, cfg)
+    today = None
+    if model_kind(model_dir) == "translate":  # outside the try: the challenger's failure is not the champion's
+        from components.evaluation.restoration import MODEL, restore
+        from components.tracking.model_files import load_trained_model
+
+        today = restore(load_trained_model(Path(model_dir), device=str(device())), reference, cfg.seed)
     try:
         restorations = None
-        if model_kind(model_dir) == "translate":
-            from components.evaluation.restoration import MODEL, restore
-            from components.tracking.model_files import load_trained_model
-
-            today = restore(load_trained_model(Path(model_dir), device=str(device())), reference, cfg.seed)
+        if today is not None:
             mask = None if today.mask is None else today.mask.numpy()
             theirs = torch.from_numpy(registered_translations(model_uri, today.inputs.numpy(), mask))
             try:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from components.config import apply_overrides, read_params_raw, write_params_raw
@@ -23,6 +24,7 @@ TINY = [
     "data.limit_per_split=160",
     "classifier.epochs=1", "classifier.batch_size=32",
     *shrink_every_model(REPO / "params.yaml", batch_size=32, width=16),
+    "train.srgan.warmup_steps=2",  # past its pixel-MSE warm-up within the 5 steps: the evaluator's features count
     "tracking.log_every=2", "tracking.checkpoint_every=3",
     "evaluate.num_samples=100", "evaluate.kid_subset_size=50", "evaluate.grid_size=16",
 ]
@@ -89,7 +91,8 @@ def by_name(result) -> dict:
 def test_first_run_trains_evaluates_registers_and_pushes(workspace, client):
     result = run_retrain()
 
-    models = ["vae", "dcgan", "cgan"]  # the default run: a VAE, an unconditional and a conditional GAN
+    # The default run: a VAE, an unconditional and a conditional GAN, a 4x super-resolver, an inpainter.
+    models = ["vae", "dcgan", "cgan", "srgan", "inpaint"]
     assert set(result.stages_run) == {"ingest", "classifier", "inception",
                                       *(f"{stage}@{m}" for m in models for stage in ("train", "evaluate"))}
     assert result.stages_run.index("ingest") < result.stages_run.index("train@vae") < result.stages_run.index("evaluate@vae")
@@ -111,7 +114,7 @@ def test_first_run_trains_evaluates_registers_and_pushes(workspace, client):
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout
     remote_files = [p for p in (workspace / ".genpipe" / "dvc-remote").rglob("*") if p.is_file()]
-    assert len(remote_files) >= 8  # dataset shards + manifest, classifier, two models, two grids
+    assert len(remote_files) >= 8  # dataset shards + manifest, classifier, the models, their grids
 
     import mlflow.pyfunc
 
@@ -125,6 +128,13 @@ def test_first_run_trains_evaluates_registers_and_pushes(workspace, client):
     assert cgan.predict({"prompt": "ankle boot", "count": 4, "seed": 0}).shape == (4, 1, 28, 28)
     with pytest.raises(Exception, match="prompt:.*names no class this model knows; name one of"):
         cgan.predict({"prompt": "a bicycle", "count": 2})
+
+    low = np.random.default_rng(0).integers(0, 256, (2, 1, 7, 7), dtype=np.uint8)
+    assert mlflow.pyfunc.load_model("models:/fashion-mnist-srgan@champion").predict({"images": low}).shape == (2, 1, 28, 28)
+    holed, mask = np.full((2, 1, 28, 28), 200, np.uint8), np.zeros((2, 1, 28, 28), np.uint8)
+    mask[..., 10:18, 10:18] = 1
+    filled = mlflow.pyfunc.load_model("models:/fashion-mnist-inpaint@champion").predict({"images": holed, "mask": mask})
+    assert filled.shape == (2, 1, 28, 28) and (filled[mask == 0] == 200).all()  # known pixels kept
 
 
 def test_metrics_files_match_what_mlflow_holds(workspace, client):
@@ -223,7 +233,7 @@ def test_changing_one_models_params_retrains_only_that_model(workspace, client):
 def test_new_evaluator_rescores_the_champion_before_comparing(workspace, client):
     set_params(workspace, ["classifier.epochs=2", "train.vae.seed=1"])  # other evaluator features, new VAE
     result = run_retrain()
-    assert {"classifier", "train@vae", "evaluate@vae", "evaluate@dcgan"} <= set(result.stages_run)
+    assert {"classifier", "train@vae", "evaluate@vae", "evaluate@dcgan", "train@srgan"} <= set(result.stages_run)
     vae = by_name(result)["fashion-mnist-vae"]
     assert vae.version == "3"
     v3 = client.get_model_version("fashion-mnist-vae", "3")
@@ -235,6 +245,13 @@ def test_new_evaluator_rescores_the_champion_before_comparing(workspace, client)
     score_tag = f"score.{v3.tags['protocol_key']}.fid"  # the champion's re-score, kept on the champion
     rescored = [mv for mv in client.search_model_versions("name='fashion-mnist-vae'") if score_tag in mv.tags]
     assert len(rescored) == 1 and float(rescored[0].tags[score_tag]) == float(v3.tags["promotion.champion_score"])
+    # srgan learns from the evaluator's features: retrained, and gated on psnr_gain against its champion,
+    # re-scored on today's degraded inputs sent through its registered pyfunc.
+    srgan = client.get_model_version("fashion-mnist-srgan", by_name(result)["fashion-mnist-srgan"].version)
+    assert srgan.version == "2" and "psnr_gain" in srgan.tags["promotion.reason"]
+    champion = client.get_model_version("fashion-mnist-srgan", "1").tags
+    rescored_gain = float(champion[f"score.{srgan.tags['protocol_key']}.psnr_gain"])
+    assert rescored_gain == float(srgan.tags["promotion.champion_score"])
 
 
 def test_failed_model_leaves_its_artefacts_untouched_and_the_other_model_registers(workspace, client):

@@ -163,7 +163,7 @@ def srgan_stage(tmp_path, monkeypatch):
     monkeypatch.setenv("GENPIPE_HOME", str(tmp_path / ".genpipe"))
     monkeypatch.setenv("GENPIPE_DEVICE", "cpu")
     raw = read_params_raw(REPO / "params.yaml")
-    apply_profile(raw, REPO / "profiles" / "zoo.yaml")  # srgan lives there
+    apply_profile(raw, REPO / "profiles" / "zoo.yaml")  # the whole zoo: srgan is in params.yaml, srresnet here
     raw = apply_overrides(raw, [
         "train.srgan.epochs=1", "train.srgan.batch_size=8", "train.srgan.width=4", "train.srgan.blocks=1",
         "train.srgan.ndf=4", "train.srgan.warmup_steps=2", "tracking.log_every=1"])

@@ -202,7 +202,7 @@ def test_a_translate_champion_is_rescored_on_todays_inputs_through_its_pyfunc(re
     from components.data.sources import RawDataset, Split
     from components.evaluation.classifier import Classifier
     from components.evaluation.evaluate import evaluate_model
-    from components.evaluation.protocol import evaluate_config, score_protocol
+    from components.evaluation.protocol import degradation_protocol, evaluate_config, score_protocol
     from components.params import load_params
     from components.pipeline import rescore_registered
     from components.tracking.model_files import load_trained_model
@@ -230,9 +230,10 @@ def test_a_translate_champion_is_rescored_on_todays_inputs_through_its_pyfunc(re
         model_dir = registered[0] / f"{family}-0"
         model = load_trained_model(model_dir)
         protocol = score_protocol(cfg, evaluator="e2", dataset_version="d2", image_size=28,
-                                  degradation=model.degradation())
+                                  degradation=degradation_protocol(model))
         own = evaluate_model(model, classifier, test, evaluate_config(protocol, ["psnr", "ssim"]), kind="translate")
-        metric = {"srresnet": "psnr", "inpaint": "ssim"}[family]  # one child process each: both are paired scores
+        # one child process each: psnr_gain (measured by the psnr metric) and ssim are both paired scores
+        metric = {"srresnet": "psnr_gain", "inpaint": "ssim"}[family]
         rescored = rescore_registered(f"models:/{registered[1][family]}/1", metric, protocol, tmp_path / "dataset",
                                       tmp_path / "classifier", model_dir)
         assert rescored == {k: own[k] for k in (metric, f"{metric}_ci_low", f"{metric}_ci_high")}, family

@@ -56,6 +56,9 @@ def score_samples(fake_u8: torch.Tensor, real_u8: torch.Tensor, classifier: Clas
     """
     pick = reference_indices(real_u8.shape[0], cfg)
     real_u8 = real_u8[pick]
+    if restorations is not None and restorations.clean.shape[0] != real_u8.shape[0]:
+        raise ValueError(f"restorations of {restorations.clean.shape[0]} images for a reference of "
+                         f"{real_u8.shape[0]}: restore the reference subset itself")
     device = next(classifier.parameters()).device
     ctx = EvalContext(
         model=model,
@@ -94,30 +97,42 @@ def evaluate_model(model: GenerativeModel, classifier: Classifier, real_u8: torc
                    train_labels: torch.Tensor | None = None, classifier_config: ClassifierConfig | None = None,
                    inception: InceptionReference | None = None) -> dict[str, float]:
     """Metrics in cfg.metrics of the model's images against the reference subset of held-out real
-    images, by its family's task `kind`: a sampler's samples (fixed seed), as many as the reference
-    holds; a reconstructor's reconstructions of the reference images themselves."""
+    images, by its family's task `kind` (draw_images), and its grid (evaluation_grid) at grid_path."""
     reference = reference_subset(real_u8, cfg)
-    restorations = None
-    if kind == "translate":  # degraded and restored once: the scores and the figure share them
-        from components.evaluation.restoration import MODEL, restore
-
-        restorations = restore(model, reference, cfg.seed)
-        fake = restorations.outputs[MODEL]
-    else:
-        fake = evaluation_images(model, kind, reference, cfg.seed)
+    fake, restorations = draw_images(model, kind, reference, cfg.seed)
     results = score_samples(fake, real_u8, classifier, cfg, model.image_size, model=model, real_labels=real_labels,
                             train_u8=train_u8, train_labels=train_labels, classifier_config=classifier_config,
                             inception=inception, kind=kind, restorations=restorations)
     if grid_path is not None:
-        if restorations is not None:
-            from components.evaluation.restoration import family_name, figure_tiles
-
-            # the lecture's super-resolution figure: as many rows as grid_size images fill
-            images, nrow = figure_tiles(family_name(model), restorations, rows=cfg.grid_size, max_tiles=cfg.grid_size)
-        else:
-            images, nrow = GRIDS[kind](model, fake, reference, cfg.grid_size)
+        images, nrow = evaluation_grid(model, kind, fake, reference, cfg.grid_size, restorations)
         save_grid(images, grid_path, nrow=nrow)
     return results
+
+
+def draw_images(model: GenerativeModel, kind: TaskKind, reference_u8: torch.Tensor,
+                seed: int) -> tuple[torch.Tensor, Restorations | None]:
+    """The model's uint8 images to score against `reference_u8`: a sampler's samples at `seed`, as many
+    as the reference holds; a reconstructor's reconstructions of it; a translator's restorations of it,
+    with the inputs and baselines they came with (degraded and restored once: scores and figure share them)."""
+    if kind != "translate":
+        return evaluation_images(model, kind, reference_u8, seed), None
+    from components.evaluation.restoration import MODEL, restore
+
+    restorations = restore(model, reference_u8, seed)
+    return restorations.outputs[MODEL], restorations
+
+
+def evaluation_grid(model: GenerativeModel, kind: TaskKind, images: torch.Tensor, reference: torch.Tensor,
+                    grid_size: int, restorations: Restorations | None = None,
+                    name: str | None = None) -> tuple[torch.Tensor, int | None]:
+    """What an evaluation shows of `images` (as draw_images made them): (tiles, nrow or None for a
+    square grid). A translator's: the lecture's super-resolution figure of its restorations, its
+    column captioned `name` (default: the family), as many rows as grid_size images fill."""
+    if restorations is not None:
+        from components.evaluation.restoration import family_name, figure_tiles
+
+        return figure_tiles(name or family_name(model), restorations, rows=grid_size, max_tiles=grid_size)
+    return GRIDS[kind](model, images, reference, grid_size)
 
 
 def _sample_grid(model: GenerativeModel, fake: torch.Tensor, reference: torch.Tensor, grid_size: int):

@@ -21,6 +21,14 @@ BETTER = {
 }
 GatingMetric = Literal[tuple(BETTER)]
 
+# A gating metric measured by another entry of evaluate.metrics (psnr gives psnr_gain beside itself).
+MEASURED_BY = {"psnr_gain": "psnr"}
+
+
+def measured_by(metric: str) -> str:
+    """The evaluate.metrics entry whose scores hold `metric` (and its interval)."""
+    return MEASURED_BY.get(metric, metric)
+
 
 def direction(metric: str) -> str:
     """LOWER or HIGHER; a clear error for a metric the gate cannot judge."""

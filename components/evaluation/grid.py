@@ -1,4 +1,4 @@
-"""The images a model makes (samples, reconstructions) as uint8 tensors, and grids of them as PNG files."""
+"""The images a model makes (samples, reconstructions, translations) as uint8 tensors, and grids of them as PNG files."""
 from __future__ import annotations
 
 import io

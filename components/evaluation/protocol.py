@@ -41,6 +41,15 @@ def score_protocol(cfg: EvaluateConfig, *, evaluator: str, dataset_version: str,
     return protocol
 
 
+def degradation_protocol(model) -> dict:
+    """What a translate model's inputs are made by: its family's degradation settings and the source
+    of the module that draws them (a change to how masks are drawn changes the task)."""
+    import inspect
+
+    source = Path(inspect.getsourcefile(type(model))).read_bytes()
+    return {"settings": model.degradation(), "code": hashlib.sha256(source).hexdigest()[:16]}
+
+
 def protocol_key(protocol: dict) -> str:
     return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
 

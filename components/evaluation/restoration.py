@@ -1,6 +1,6 @@
 """Translate models judged as restoration: each held-out image x is degraded by its family's
-documented degradation (`degrade`: a 4x bicubic downscale, a hole, …; masks and any other randomness
-from a generator seeded by the evaluation seed, on the model's device as in training), restored by
+documented degradation (`degrade`: a 4x bicubic downscale, a hole, …; computed on the CPU, masks and any
+other randomness from a generator seeded by the evaluation seed: the same inputs on any device), restored by
 the model and by each classical baseline (`baselines`: bicubic, mean fill, …), and every restoration
 is scored against x: the lecture's super-resolution figure, in numbers and as a picture.
 
@@ -81,24 +81,25 @@ def restore(model, images_u8: torch.Tensor, seed: int) -> Restorations:
     baseline from the same 8-bit inputs."""
     from components.evaluation.grid import check_finite, translate_uint8
 
-    device = next(model.parameters()).device
     model.eval()
-    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same masks on any device
+    generator = torch.Generator().manual_seed(seed)
     parts: list[Restorations] = []
     for start in range(0, images_u8.shape[0], BATCH):
-        x = to_model_input(images_u8[start:start + BATCH], model.image_size, device)  # (n, C, H, W) in [-1, 1]
+        # Degraded on the CPU: a GPU's bicubic rounds differently, and a champion re-scored elsewhere
+        # must be sent the very same 8-bit inputs.
+        x = to_model_input(images_u8[start:start + BATCH], model.image_size, "cpu")  # (n, C, H, W) in [-1, 1]
         degraded = model.degrade(x, generator)
-        inputs_u8 = to_uint8(degraded["images"]).cpu()
-        mask_u8 = None if "mask" not in degraded else degraded["mask"].round().to(torch.uint8).cpu()
-        sent = {"images": to_model_input(inputs_u8, inputs_u8.shape[-1], device)}
+        inputs_u8 = to_uint8(degraded["images"])
+        mask_u8 = None if "mask" not in degraded else degraded["mask"].round().to(torch.uint8)
+        sent = {"images": to_model_input(inputs_u8, inputs_u8.shape[-1], "cpu")}
         if mask_u8 is not None:
-            sent["mask"] = mask_u8.to(device).float()
-        baselines = model.baselines(sent)
+            sent["mask"] = mask_u8.float()
+        baselines = model.baselines(sent)  # classical methods: no weights, on the CPU
         for name, images in baselines.items():
             check_finite(images, f"{name} restorations (from image {start})")
         outputs = {MODEL: translate_uint8(model, inputs_u8, mask_u8),
                    **{name: to_uint8(images).cpu() for name, images in baselines.items()}}
-        parts.append(Restorations(clean=to_uint8(x).cpu(), inputs=inputs_u8, mask=mask_u8, outputs=outputs))
+        parts.append(Restorations(clean=to_uint8(x), inputs=inputs_u8, mask=mask_u8, outputs=outputs))
     if not parts:
         empty = torch.zeros(0, model.channels, model.image_size, model.image_size, dtype=torch.uint8)
         return Restorations(clean=empty, inputs=empty, mask=None, outputs={MODEL: empty})

@@ -157,7 +157,7 @@ class TranslationModel(GenerativeModel):
 
     def degradation(self) -> dict:
         """What `degrade` does, as the settings that define it (JSON-able): two versions' PSNR and SSIM
-        compare only when these are equal (the score protocol holds them)."""
+        compare only when these (and the family module's source) are equal (the score protocol holds them)."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -309,7 +309,9 @@ class Inpainter(TranslationModel):
         return {name: fill(images, hole) for name, fill in BASELINES.items()}
 
     def degradation(self):
-        return {"holes": self.cfg.masks.model_dump(mode="json"), "hole_value": 0, "image_size": self.image_size}
+        holes = self.cfg.masks.model_dump(mode="json")
+        holes["band"].pop("two_images")  # training's alone: degrade draws bands within one image
+        return {"holes": holes, "hole_value": 0, "image_size": self.image_size}
 
 
 def _images_and_hole(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

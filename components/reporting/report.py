@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from components.evaluation.grid import evaluation_images, png_bytes
+from components.evaluation.grid import png_bytes
 from components.reporting.html import Picture, Section, render
 from components.reporting.pictures import interpolation_strip, nearest_real, neighbour_rows
 
@@ -150,8 +150,7 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
     the packed dataset it was trained on (its test split is the reference, its train split is
     searched for near copies)."""
     from components.data.pack import DataError, load_split
-    from components.evaluation.evaluate import GRIDS
-    from components.evaluation.restoration import MODEL, family_name, figure_tiles, restore
+    from components.evaluation.evaluate import draw_images, evaluation_grid
     from components.tracking.champion_samples import registered_images, registered_translations
 
     if count < 1:
@@ -165,13 +164,8 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
     reference = reference[:count]
     with tempfile.TemporaryDirectory(prefix="genpipe-report-") as tmp:
         model, kind = _load(version, Path(tmp) / "model")
-        restorations = restore(model, reference, seed) if kind == "translate" else None
-        if restorations is not None:
-            images = restorations.outputs[MODEL]
-            shown, nrow = figure_tiles(family_name(model), restorations, rows=count, max_tiles=count)
-        else:
-            images = evaluation_images(model, kind, reference, seed)
-            shown, nrow = GRIDS[kind](model, images, reference, count)
+        images, restorations = draw_images(model, kind, reference, seed)
+        shown, nrow = evaluation_grid(model, kind, images, reference, count, restorations, name=f"v{version.version}")
         sections = [_summary(version, kind)]
         pictures = [_picture(f"v{version.version} at seed {seed} (drawn with today's code)", shown, nrow)]
         other = _other(version)
@@ -179,14 +173,15 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
             alias, other_version = other
             uri = f"models:/{version.name}/{other_version}"
             try:
+                theirs_restored = None
                 if restorations is not None:  # the very inputs (and masks) above, sent to its pyfunc
                     mask = None if restorations.mask is None else restorations.mask.numpy()
                     theirs = torch.from_numpy(registered_translations(uri, restorations.inputs.numpy(), mask))
-                    theirs_shown, _ = figure_tiles(f"v{other_version}", restorations.with_model_outputs(theirs),
-                                                   rows=count, max_tiles=count)
+                    theirs_restored = restorations.with_model_outputs(theirs)
                 else:
-                    theirs, _ = registered_images(uri, reference.numpy(), seed)
-                    theirs_shown, _ = GRIDS[kind](model, torch.from_numpy(theirs), reference, count)
+                    theirs = torch.from_numpy(registered_images(uri, reference.numpy(), seed)[0])
+                theirs_shown, _ = evaluation_grid(model, kind, theirs, reference, count, theirs_restored,
+                                                  name=f"v{other_version}")
                 pictures.append(_picture(f"{alias} v{other_version} at seed {seed} (its own registered code)",
                                          theirs_shown, nrow))
             except (RuntimeError, ValueError) as exc:  # RegisteredModelUnloadable, a child's failure, another shape

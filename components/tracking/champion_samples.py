@@ -86,10 +86,9 @@ def registered_images(model_uri: str, reference_u8: np.ndarray, seed: int,
                       timeout_s: float = 1800) -> tuple[np.ndarray, str]:
     """The uint8 images (N×C×H×W) a registered model makes for scoring against `reference_u8`
     (held-out real images, uint8 N×C×H×W) by its task kind: a sampler's samples at `seed`, as many
-    as the reference holds; a reconstructor's reconstructions of the reference images; a
-    translator's restorations of them as its own code degrades them (registered_translations sends
-    today's inputs instead). Also the path of the components package that made them (inside the
-    model's downloaded code snapshot).
+    as the reference holds; a reconstructor's reconstructions of the reference images (a translator
+    is sent today's inputs by registered_translations instead). Also the path of the components
+    package that made them (inside the model's downloaded code snapshot).
 
     Raises RegisteredModelUnloadable for the model's own failures, RuntimeError for the rest.
     """
@@ -115,10 +114,13 @@ def _run_child(model_uri: str, mode: str, images_u8: np.ndarray, mask_u8: np.nda
         if mask_u8 is not None:
             mask = str(Path(tmp) / "mask.npy")
             np.save(mask, np.ascontiguousarray(mask_u8, dtype=np.uint8))
-        proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, model_uri, mode, str(reference), mask, str(seed), str(out), str(status), tmp],
-            cwd=tmp, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_tracking_uri()},
-            capture_output=True, text=True, timeout=timeout_s)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _CHILD, model_uri, mode, str(reference), mask, str(seed), str(out), str(status),
+                 tmp], cwd=tmp, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_tracking_uri()},
+                capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{model_uri}: its process took over {timeout_s:g} s ({mode})") from None
         info = json.loads(status.read_text()) if status.is_file() else {"stage": "start"}
         if proc.returncode == 0 and info["stage"] == "done":
             return np.load(out, allow_pickle=False), info["code"]

@@ -276,7 +276,7 @@ def _champion_score(c, name: str, champion, metric: str, protocol: dict,
     try:
         scores = rescore(str(champion.version), protocol)
         scores = dict(scores) if isinstance(scores, dict) else {metric: scores}
-        if metric not in scores:  # a metric of the model itself (psnr) that its stored images cannot give
+        if metric not in scores:  # a re-score that could not measure it
             raise ChampionUnscorable(f"re-scoring gave no {metric} (got {', '.join(sorted(scores)) or 'nothing'})")
         value = float(scores[metric])
         if not math.isfinite(value):

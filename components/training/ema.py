@@ -71,8 +71,8 @@ class EMA:
         to the live weights (DCGAN: FID 146 vs 134). Runs the model in train mode over `images`
         images, all randomness from its own seeded generator: a sampler (task `kind` "generate")
         draws samples; another kind reconstructs training images drawn from `data_u8` (uint8
-        N×C×H×W), a translate model degrading them as in training. A model without batch norm in
-        its ema_modules is left as it is."""
+        N×C×H×W), a translate model degrading them first. A model without batch norm in its
+        ema_modules is left as it is."""
         norms = [m for name in model.ema_modules for m in getattr(model, name).modules()
                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         if not norms:
@@ -94,7 +94,10 @@ class EMA:
                 raise ValueError(f"recalibrating a {kind} model's batch norm needs its training images")
             pick = torch.randint(data_u8.shape[0], (batch_size,), generator=generator)
             x = to_model_input(data_u8[pick], model.image_size, next(model.parameters()).device)
-            model.reconstruct(x, generator) if kind == "translate" else model.reconstruct(x)
+            if kind == "translate":  # degraded as evaluation degrades (a band within one image)
+                model.reconstruct(x, generator)
+            else:
+                model.reconstruct(x)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         model.train(was_training)
