@@ -38,7 +38,8 @@ def test_shipped_params_load():
     assert params.model("dcgan").ngf == 64
     assert params.evaluate.metrics == ["fid", "fid_floor", "kid", "class_coverage", "inception_score", "precision_recall",
                                        "density_coverage", "recon_mse", "psnr", "ssim", "elbo", "inception"]
-    assert params.registry.gating_metric == "fid"
+    assert [params.registry.metric_for(kind) for kind in ("generate", "reconstruct", "translate")] == [
+        "fid", "fid", "psnr_gain"]
 
 
 def test_unknown_model_name_is_config_error():
@@ -204,7 +205,7 @@ def test_configs_are_frozen():
 def test_write_params_raw_round_trip_keeps_comments(tmp_path):
     path = tmp_path / "params.yaml"
     shutil.copy(PARAMS, path)
-    comment = "# a challenger becomes champion only if lower by more than min_improvement"
+    comment = "# by task kind: a challenger becomes champion only if better by more than"
     assert comment in path.read_text()
 
     raw = read_params_raw(path)
@@ -231,4 +232,4 @@ def test_a_gating_metric_without_its_own_margin_is_refused(raw):
     assert "registry.ceiling: no value for the gating metric 'kid'; add registry.ceiling.kid" in problems
     raw["registry"]["min_improvement"]["kid"] = 0.001
     raw["registry"]["ceiling"]["kid"] = 0.5
-    assert parse_params(raw).registry.min_improvement == {"fid": 5.0, "kid": 0.001}
+    assert parse_params(raw).registry.min_improvement == {"fid": 5.0, "psnr_gain": 0.2, "kid": 0.001}

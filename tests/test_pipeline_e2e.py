@@ -248,7 +248,7 @@ def test_new_evaluator_rescores_the_champion_before_comparing(workspace, client)
     # srgan learns from the evaluator's features: retrained, and gated on psnr_gain against its champion,
     # re-scored on today's degraded inputs sent through its registered pyfunc.
     srgan = client.get_model_version("fashion-mnist-srgan", by_name(result)["fashion-mnist-srgan"].version)
-    assert srgan.version == "2" and "psnr_gain" in srgan.tags["promotion.reason"]
+    assert str(srgan.version) == "2" and "psnr_gain" in srgan.tags["promotion.reason"]
     champion = client.get_model_version("fashion-mnist-srgan", "1").tags
     rescored_gain = float(champion[f"score.{srgan.tags['protocol_key']}.psnr_gain"])
     assert rescored_gain == float(srgan.tags["promotion.champion_score"])
