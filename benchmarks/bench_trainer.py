@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from baselines import run_bare, run_preloaded  # noqa: E402
 from components.config import TrainConfig  # noqa: E402
 from components.data.sources import SOURCES  # noqa: E402
+from components.evaluation.classifier import Classifier  # noqa: E402
 from components.models import FAMILIES, build_model  # noqa: E402
 from components.params import load_params  # noqa: E402
 from components.training.trainer import Trainer  # noqa: E402
@@ -200,7 +201,11 @@ def main() -> int:
         trainer_cfgs = [cfg.model_copy(update=update) for _, update in variants]
 
         def build(c):  # every run's model starts from the same weights (build_model seeds with cfg.seed)
-            return build_model(c, channels, NUM_CLASSES, classes)
+            model = build_model(c, channels, NUM_CLASSES, classes)
+            if FAMILIES.get(family).uses_evaluator:  # srgan: an untrained evaluator costs what a trained one does
+                torch.manual_seed(0)
+                model.set_evaluator(Classifier(channels, NUM_CLASSES, params.classifier.width).eval())
+            return model
 
         warm = 3 * cfg.batch_size
         started = time.perf_counter()
