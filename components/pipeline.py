@@ -300,12 +300,7 @@ def rescore_registered(model_uri: str, metric: str, protocol: dict, data_dir: Pa
     try:
         restorations = None
         if today is not None:
-            mask = None if today.mask is None else today.mask.numpy()
-            theirs = torch.from_numpy(registered_translations(model_uri, today.inputs.numpy(), mask))
-            try:
-                restorations = today.with_model_outputs(theirs)
-            except ValueError as exc:  # another output size or channel count: not the same task
-                raise ChampionUnscorable(f"{model_uri}: {exc}") from exc
+            restorations = registered_translations(model_uri, today)
             fake = restorations.outputs[MODEL]
         else:
             fake = torch.from_numpy(registered_images(model_uri, reference.numpy(), cfg.seed)[0])

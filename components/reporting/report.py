@@ -151,6 +151,7 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
     searched for near copies)."""
     from components.data.pack import DataError, load_split
     from components.evaluation.evaluate import draw_images, evaluation_grid
+    from components.evaluation.restoration import MODEL
     from components.tracking.champion_samples import registered_images, registered_translations
 
     if count < 1:
@@ -175,16 +176,15 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
             try:
                 theirs_restored = None
                 if restorations is not None:  # the very inputs (and masks) above, sent to its pyfunc
-                    mask = None if restorations.mask is None else restorations.mask.numpy()
-                    theirs = torch.from_numpy(registered_translations(uri, restorations.inputs.numpy(), mask))
-                    theirs_restored = restorations.with_model_outputs(theirs)
+                    theirs_restored = registered_translations(uri, restorations)
+                    theirs = theirs_restored.outputs[MODEL]
                 else:
                     theirs = torch.from_numpy(registered_images(uri, reference.numpy(), seed)[0])
                 theirs_shown, _ = evaluation_grid(model, kind, theirs, reference, count, theirs_restored,
                                                   name=f"v{other_version}")
                 pictures.append(_picture(f"{alias} v{other_version} at seed {seed} (its own registered code)",
                                          theirs_shown, nrow))
-            except (RuntimeError, ValueError) as exc:  # RegisteredModelUnloadable, a child's failure, another shape
+            except RuntimeError as exc:  # RegisteredModelUnloadable, or another failure of its child process
                 pictures.append(Picture(f"{alias} v{other_version} could not be drawn: {exc}"[:300],
                                         png_bytes(torch.zeros(1, 1, 8, 8, dtype=torch.uint8)), 16))
         sections.append(Section("Images at the same seed", "The same requests at the same seed; each version is "

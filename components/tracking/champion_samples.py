@@ -14,10 +14,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from components.state import mlflow_tracking_uri
+
+if TYPE_CHECKING:
+    from components.evaluation.restoration import Restorations
 
 # Runs in the child; each stage is reported before it starts. The model's own failures (its code
 # does not import, its weights do not fit, its samples are NaN) are "failed"; trouble of the
@@ -95,14 +99,18 @@ def registered_images(model_uri: str, reference_u8: np.ndarray, seed: int,
     return _run_child(model_uri, "images", reference_u8, None, seed, timeout_s)
 
 
-def registered_translations(model_uri: str, inputs_u8: np.ndarray, mask_u8: np.ndarray | None,
-                            timeout_s: float = 1800) -> np.ndarray:
-    """What a registered translate model makes of `inputs_u8` (uint8 N×(its input shape)) and, for
-    a family that takes one, `mask_u8` (uint8 N×1×H×W of 0/1): its pyfunc's answer to these
-    requests, uint8 N×C×H×W. Another kind of model, or inputs its code refuses, raise
-    RegisteredModelUnloadable; the machine's troubles RuntimeError."""
-    images, _ = _run_child(model_uri, "translate", inputs_u8, mask_u8, 0, timeout_s)
-    return images
+def registered_translations(model_uri: str, restorations: Restorations, timeout_s: float = 1800) -> Restorations:
+    """`restorations` with a registered translate model's in MODEL's place: its pyfunc's answers to
+    requests of the same 8-bit inputs (and masks). Another kind of model, inputs its code refuses or
+    outputs of another shape raise RegisteredModelUnloadable; the machine's troubles RuntimeError."""
+    import torch
+
+    mask = None if restorations.mask is None else restorations.mask.numpy()
+    images, _ = _run_child(model_uri, "translate", restorations.inputs.numpy(), mask, 0, timeout_s)
+    try:
+        return restorations.with_model_outputs(torch.from_numpy(images))
+    except ValueError as exc:  # another output size or channel count: not the same task
+        raise RegisteredModelUnloadable(f"{model_uri}: {exc}") from None
 
 
 def _run_child(model_uri: str, mode: str, images_u8: np.ndarray, mask_u8: np.ndarray | None, seed: int,
