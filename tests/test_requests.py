@@ -207,17 +207,20 @@ def register(root: Path, family: str) -> str:
     return name
 
 
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory):
-    """A tracking store holding a tiny cvae, ae (and cgan, when that family exists), and their folders."""
-    root = tmp_path_factory.mktemp("store")
+def registered_store(root: Path, families: list[str]):
+    """(root, {family: registered name}): a tracking store in root/home holding a tiny model of each
+    family, registered as the pipeline does, with GENPIPE_HOME and MLflow pointed at it meanwhile."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GENPIPE_HOME", str(root / "home"))
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'home' / 'mlflow.db'}")
         (root / "home").mkdir()
-        families = [f for f in ("cvae", "ae", "cgan") if f in FAMILIES]
-        names = {family: register(root, family) for family in families}
-        yield root, names
+        yield root, {family: register(root, family) for family in families}
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A tracking store holding a tiny cvae, ae (and cgan, when that family exists), and their folders."""
+    yield from registered_store(tmp_path_factory.mktemp("store"), [f for f in ("cvae", "ae", "cgan") if f in FAMILIES])
 
 
 def use_store(home: Path) -> str:

@@ -16,7 +16,7 @@ from PIL import Image
 from model_configs import model_fields
 # `cli` runs `genpipe` in this process against the store of the `registered` fixture, which this
 # module overrides with its own (a translate model) below.
-from test_requests import CLASSES, cli, images, register, use_store  # noqa: F401
+from test_requests import CLASSES, cli, images, registered_store, use_store  # noqa: F401
 from components.tracking.requests import MAX_COUNT, RequestSchema, parse_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,12 +110,7 @@ def test_masks_of_integers_booleans_and_nothing_to_fill_are_accepted():
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """A tracking store holding a tiny srresnet and a tiny inpaint."""
-    root = tmp_path_factory.mktemp("translate-store")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GENPIPE_HOME", str(root / "home"))
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'home' / 'mlflow.db'}")
-        (root / "home").mkdir()
-        yield root, {family: register(root, family) for family in ("srresnet", "inpaint")}
+    yield from registered_store(tmp_path_factory.mktemp("translate-store"), ["srresnet", "inpaint"])
 
 
 def load(registered, family: str):
