@@ -116,9 +116,7 @@ def bootstrap_interval(metric: str, real: torch.Tensor, fake: torch.Tensor, samp
     replicates = REPLICATES[metric](real, fake, real_counts, fake_counts)
     ones = (torch.ones(1, real.shape[0], dtype=torch.float64), torch.ones(1, fake.shape[0], dtype=torch.float64))
     estimate = REPLICATES[metric](real, fake, *ones)[0]  # the statistic on the sets themselves
-    bias = float(replicates.mean() - estimate)
-    low, high = percentile_interval(replicates, alpha)
-    return low - bias, high - bias
+    return _bias_corrected(replicates, estimate, alpha)
 
 
 def mean_interval(values: torch.Tensor, samples: int, alpha: float, seed: int) -> tuple[float, float]:
@@ -128,6 +126,11 @@ def mean_interval(values: torch.Tensor, samples: int, alpha: float, seed: int) -
     values = values.double().flatten()
     counts = resample_counts(values.shape[0], samples, torch.Generator().manual_seed(seed))
     replicates = counts @ values / values.shape[0]  # (samples,)
-    bias = float(replicates.mean() - values.mean())
+    return _bias_corrected(replicates, values.mean(), alpha)
+
+
+def _bias_corrected(replicates: torch.Tensor, estimate: torch.Tensor, alpha: float) -> tuple[float, float]:
+    """The percentile interval of the replicates, shifted by their bias (their mean minus the estimate)."""
+    bias = float(replicates.mean() - estimate)
     low, high = percentile_interval(replicates, alpha)
     return low - bias, high - bias
