@@ -64,7 +64,7 @@ class TrainConfig(Frozen):
 
     family: str
     image_size: Literal[28, 64]
-    epochs: int = Field(gt=0)
+    epochs: int | float = Field(gt=0)  # a fraction trains that share of one epoch (a slow family on a CPU)
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
     seed: int = Field(ge=0)

@@ -18,6 +18,7 @@ TINY = {
                                       "length": [0.15, 0.4]},
                           "band": {"weight": 1.0, "width": [0.15, 0.35], "two_images": 0.5}}},
     "colorize": {"width": 4},
+    "igpt": {"dim": 8, "depth": 1, "heads": 2, "mlp_ratio": 2, "beta2": 0.95},
     "cvae": {"latent_dim": 4, "width": 4, "beta": 1.0},
     "dcgan": {"latent_dim": 8, "ngf": 4, "ndf": 4, "beta1": 0.5, "spectral_norm": False},
     "cgan": {"latent_dim": 8, "ngf": 4, "ndf": 4, "beta1": 0.5, "spectral_norm": False, "text_dim": 8},

@@ -73,6 +73,25 @@ def sample_uint8(model, n: int, seed: int, labels: torch.Tensor | None = None, b
 
 
 @torch.no_grad()
+def complete_uint8(model, images_u8: torch.Tensor, rows_given: int, count: int, seed: int,
+                   batch_size: int = 500) -> torch.Tensor:
+    """`count` completions of each uint8 image N×C×H×W (of the model's size), drawn at a fixed seed:
+    uint8 (N·count)×C×H×W, image 0's completions first. Each keeps its image's top `rows_given` rows
+    bit for bit; the model draws the rows below given them (model.complete)."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    model.eval()
+    repeated = images_u8.repeat_interleave(count, dim=0)
+    chunks = []
+    for start in range(0, repeated.shape[0], batch_size):
+        x = to_model_input(repeated[start:start + batch_size], model.image_size, device)
+        images = model.complete(x, rows_given, generator)  # (n, C, size, size) in [-1, 1]
+        check_finite(images, f"completions (seed {seed}, from image {start})")
+        chunks.append(to_uint8(images.cpu()))
+    return torch.cat(chunks) if chunks else _empty(model)
+
+
+@torch.no_grad()
 def reconstruct_uint8(model, images_u8: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Reconstructions of uint8 images N×C×H×W (resized to the model's resolution), uint8
     N×C×size×size."""

@@ -121,6 +121,7 @@ NOT_FOR_KIND: dict[str, dict[str, str]] = {
         "cas": "a translate model draws no labelled samples to train a classifier on",
         "augment": "a translate model draws no labelled samples to add to scarce real data",
         "elbo": "a translate model declares no likelihood",
+        "nll": "a translate model declares no likelihood",
         "recon_mse": "psnr measures a translate model's restoration error (inside the mask where there is one)",
     },
 }
@@ -330,6 +331,41 @@ def elbo(ctx: EvalContext) -> dict[str, float]:
     negative_elbo = total / ctx.real.shape[0]
     dims = math.prod(ctx.real.shape[1:])
     return {"elbo": -negative_elbo, "bits_per_dim": negative_elbo / (dims * math.log(2))}
+
+
+@METRICS.register("nll")
+@torch.no_grad()
+def nll(ctx: EvalContext) -> dict[str, float]:
+    """The exact negative log-likelihood of the held-out 8-bit images, in bits/dim, for models that
+    have one (autoregressive families: `nats_per_image`), beside a per-pixel histogram's: each pixel's
+    256 values counted over the training images (plus one, Laplace), as if pixels were independent.
+    A model that beats the histogram has learnt how pixels depend on each other."""
+    model = ctx.model
+    if model is None or not hasattr(model, "nats_per_image"):
+        return {}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:  # small batches: the logits of one 784-pixel image are 784×256 floats
+        nats = torch.cat([model.nats_per_image(x.to(device)).double().cpu() for x in ctx.real.split(50)])
+    finally:
+        model.train(was_training)
+    dims = math.prod(ctx.real.shape[1:])
+    out = {"bits_per_dim": float(nats.mean()) / (dims * math.log(2))}
+    if ctx.train_u8 is not None:
+        out["histogram_bits_per_dim"] = histogram_bits_per_dim(ctx.train_u8, ctx.real)
+    return out
+
+
+def histogram_bits_per_dim(train_u8: torch.Tensor, real: torch.Tensor) -> float:
+    """bits/dim of `real` (float in [-1, 1] holding 8-bit values) under one histogram per pixel
+    position of train_u8 (uint8 N×C×H×W), Laplace-smoothed."""
+    train = train_u8.flatten(1).long()  # (N, D)
+    counts = torch.ones(train.shape[1], 256, dtype=torch.float64)  # (D, 256)
+    counts.scatter_add_(1, train.t().contiguous(), torch.ones(train.shape[1], train.shape[0], dtype=torch.float64))
+    log_p = (counts / counts.sum(1, keepdim=True)).log()
+    values = ((real.flatten(1).double() + 1) * 127.5).round().long()  # (M, D)
+    return float(-log_p.gather(1, values.t().contiguous()).mean()) / math.log(2)
 
 
 @METRICS.register("cas")

@@ -6,6 +6,9 @@
   sample in every row.
 - Latent space (models with `encode`): held-out images' codes projected on their first two principal
   components, one colour per class: an autoencoder's clustered, gappy latent space beside a VAE's.
+- Completions (models with `complete`): a row per held-out image, of its top half alone, several
+  completions of its bottom half, and the image itself (Chen et al., 2020, "Generative Pretraining
+  from Pixels", Fig. 1).
 Which picture a model gets follows from what it declares, never from its family's name.
 """
 from __future__ import annotations
@@ -22,6 +25,8 @@ from components.models.base import GenerativeModel
 TRAVERSAL_DIMS = 10    # rows: the most used latent dimensions, at most this many
 TRAVERSAL_STEPS = 9    # columns: −3σ … +3σ
 TRAVERSAL_SEEDS = 3    # PNGs, from seeds seed, seed+1, …
+COMPLETION_ROWS = 8    # held-out images, one of each class in turn
+COMPLETIONS = 5        # completions of each
 SCATTER_POINTS = 2000  # held-out images in the latent-space picture
 BATCH = 500
 
@@ -50,7 +55,28 @@ def write_pictures(model: GenerativeModel, images_u8: torch.Tensor, labels: torc
         save_scatter(project_2d(codes), labels[pick], classes, path,
                      title=f"{type(model).__name__} latent space: held-out images, first two principal components")
         written.append(path)
+    if hasattr(model, "complete") and images_u8.shape[0] > 0:
+        path = out_dir / "completions.png"
+        save_grid(completion_rows(model, images_u8, labels, seed), path, nrow=COMPLETIONS + 2)
+        written.append(path)
     return written
+
+
+def completion_rows(model: GenerativeModel, images_u8: torch.Tensor, labels: torch.Tensor, seed: int,
+                    rows: int = COMPLETION_ROWS, completions: int = COMPLETIONS) -> torch.Tensor:
+    """uint8 (rows·(completions + 2), C, H, W), row by row: a held-out image's top half (its bottom
+    half grey), `completions` completions of it, the image. Rows take the classes in turn."""
+    from components.evaluation.grid import complete_uint8
+
+    picks = [int(torch.nonzero(labels == k)[0]) for k in labels.unique().tolist()]
+    picks = (picks * rows)[:rows] if picks else []
+    originals = images_u8[picks]  # (rows, C, H, W)
+    given_rows = model.image_size // 2
+    completed = complete_uint8(model, originals, given_rows, completions, seed)  # (rows·completions, C, H, W)
+    given = originals.clone()
+    given[:, :, given_rows:] = 128
+    return torch.cat([given[:, None], completed.view(rows, completions, *originals.shape[1:]), originals[:, None]],
+                     dim=1).flatten(0, 1)
 
 
 def traversal_codes(z0: torch.Tensor, dims: list[int], steps: int = TRAVERSAL_STEPS) -> torch.Tensor:

@@ -37,6 +37,9 @@ class Family:
     # translate: (config, channels) -> C×H×W of the images a request sends (a 4x super-resolver: a quarter the size)
     input_shape: Callable[..., tuple[int, int, int]] | None = None
     takes_mask: bool = False  # translate: a request also sends "mask", uint8 N×1×H×W, 1 where to fill in
+    # generate: a request may instead send "images" and "rows_given", and gets each image's other
+    # rows drawn given its first rows_given (the model has `complete(images, rows_given, generator)`)
+    completes: bool = False
     uses_evaluator: bool = False  # trained with the evaluator classifier's features (set_evaluator before fit)
     data_channels: tuple[int, ...] = (1, 3)  # the datasets (data.channels) it can learn from: colorize needs colour
 

@@ -6,7 +6,10 @@ registry in load_context, so nothing pickled from training is ever loaded.
 Requests (a mapping, a one-row DataFrame with these columns, and/or MLflow params; see
 components/tracking/requests.py):
   generate:    {"count": N, "seed": S, + the family's conditions: "labels": [one class id per image],
-                "prompt": "one text for all images" or [one text per image]} → uint8 N×C×H×W
+                "prompt": "one text for all images" or [one text per image]} → uint8 N×C×H×W;
+               a family that completes images also takes {"images": uint8 N×C×H×W, "rows_given": R,
+                "count": K, "seed": S} → uint8 (N·K)×C×H×W, K completions of each image in turn,
+                their top R rows the image's own
   reconstruct: {"images": uint8 N×C×H×W, "output": "reconstruction" | "latent"}
                → uint8 N×C×H×W reconstructions, or float32 N×latent_dim codes
   translate:   {"images": uint8 N×(the family's input shape), + "mask": uint8 N×1×H×W of 0/1, 1 where
@@ -58,8 +61,11 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
 def _generate(model, request: dict) -> np.ndarray:
     import torch
 
-    from components.evaluation.grid import sample_uint8
+    from components.evaluation.grid import complete_uint8, sample_uint8
 
+    if "rows_given" in request:
+        return complete_uint8(model, torch.from_numpy(request["images"]), request["rows_given"], request["count"],
+                              request["seed"]).numpy()
     labels = request.get("labels")
     labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
     return sample_uint8(model, request["count"], request["seed"], labels, prompts=request.get("prompt")).numpy()

@@ -32,11 +32,13 @@ class Field:
 
 
 FIELDS: dict[str, Field] = {
-    "count": Field(f"number of images, 1..{MAX_COUNT} (default: one per label or prompt, else 16)", "long"),
+    "count": Field(f"number of images, 1..{MAX_COUNT} (default: one per label or prompt, else 16); with images "
+                   f"to complete, completions per image (default 1)", "long"),
     "seed": Field("random seed >= 0 (default 0); the same request draws the same images", "long"),
     "labels": Field("one class id per image", None),
     "prompt": Field("a text naming a class, for all images (or a list of one text per image)", "string"),
     "images": Field("uint8 pixels N×C×H×W (integers 0..255)", None),
+    "rows_given": Field("the top rows of each sent image to keep; the rows below them are drawn given them", "long"),
     "mask": Field("uint8 N×1×H×W, one per image, of 0 and 1 only: 1 where to fill in, 0 where the image is kept "
                   "(a mask of 0 only is fine)", None),
     "output": Field("'reconstruction' (default: uint8 images) or 'latent' (float32 codes N×latent_dim)", "string"),
@@ -46,6 +48,7 @@ FIELDS: dict[str, Field] = {
 KIND_FIELDS: dict[str, tuple[str, ...]] = {"generate": ("count", "seed", "format"),
                                            "reconstruct": ("images", "output", "format"),
                                            "translate": ("images", "format")}
+COMPLETION_FIELDS = ("images", "rows_given")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class RequestSchema:
     # super-resolver takes images a quarter the size); and whether a request also sends "mask"
     input_shape: tuple[int, int, int] | None = None
     takes_mask: bool = False
+    completes: bool = False  # generate: also takes "images" and "rows_given" (complete their other rows)
 
     @classmethod
     def of(cls, spec: dict) -> "RequestSchema":
@@ -79,11 +83,13 @@ class RequestSchema:
             input_shape = tuple(family.input_shape(family.config.model_validate(spec["config"]), int(spec["channels"])))
         return cls(family=spec["family"], kind=family.kind, conditions=tuple(family.conditions),
                    channels=int(spec["channels"]), image_size=int(spec["config"]["image_size"]),
-                   classes=tuple(classes), input_shape=input_shape, takes_mask=family.takes_mask)
+                   classes=tuple(classes), input_shape=input_shape, takes_mask=family.takes_mask,
+                   completes=family.completes)
 
     @property
     def fields(self) -> tuple[str, ...]:
-        return (*KIND_FIELDS[self.kind], *(("mask",) if self.takes_mask else ()), *self.conditions)
+        return (*KIND_FIELDS[self.kind], *(("mask",) if self.takes_mask else ()),
+                *(COMPLETION_FIELDS if self.completes else ()), *self.conditions)
 
     @property
     def image_shape(self) -> str:
@@ -173,21 +179,48 @@ def _check_field_names(fields: dict, schema: RequestSchema) -> None:
 
 
 def _parse_generate(fields: dict, schema: RequestSchema) -> dict:
+    if schema.completes and any(name in fields for name in COMPLETION_FIELDS):
+        return _parse_completion(fields, schema)
     if "labels" in fields and "prompt" in fields:
         raise ValueError("labels, prompt: send one of them, not both")
     conditions = {name: _one_instance(_as_list(fields[name])) for name in schema.conditions if name in fields}
     # Without a count, a list of labels or prompts says how many images are wanted.
     given = next(((name, len(v)) for name, v in conditions.items() if isinstance(v, list)), None)
-    count, seed = _scalar(fields.get("count", 16 if given is None else given[1])), _scalar(fields.get("seed", 0))
+    count = _scalar(fields.get("count", 16 if given is None else given[1]))
     if not _is_int(count) or not 1 <= count <= MAX_COUNT:
         sent = "count" if "count" in fields or given is None else f"count (one per item of {given[0]})"
         raise ValueError(f"{sent}: must be an integer in 1..{MAX_COUNT}, got {_short(count)}")
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"seed: must be an integer >= 0, got {_short(seed)}")
-    parsed = {"count": int(count), "seed": int(seed)}
+    parsed = {"count": int(count), "seed": _parse_seed(fields)}
     for name, value in conditions.items():
         parsed[name] = CONDITION_PARSERS[name](value, int(count), schema)
     return parsed
+
+
+def _parse_seed(fields: dict) -> int:
+    seed = _scalar(fields.get("seed", 0))
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed: must be an integer >= 0, got {_short(seed)}")
+    return int(seed)
+
+
+def _parse_completion(fields: dict, schema: RequestSchema) -> dict:
+    """images (N of the model's shape), the top rows_given rows of each kept, `count` completions of each."""
+    last = schema.image_size - 1
+    for name in COMPLETION_FIELDS:
+        if name not in fields:
+            raise ValueError(f"{name}: missing; to complete images send both images (uint8 N×{schema.image_shape}) "
+                             f"and rows_given (the top rows to keep, 1..{last}), or neither to sample new images")
+    images = _parse_images(fields["images"], schema)
+    rows = _scalar(fields["rows_given"])
+    if not _is_int(rows) or not 1 <= rows <= last:
+        raise ValueError(f"rows_given: must be an integer in 1..{last} (the top rows kept; the rows below are "
+                         f"drawn), got {_short(rows)}")
+    most = MAX_COUNT // len(images)
+    count = _scalar(fields.get("count", 1))
+    if not _is_int(count) or not 1 <= count <= most:
+        raise ValueError(f"count: completions per image, an integer in 1..{most} (at most {MAX_COUNT} images per "
+                         f"answer, and {len(images)} were sent), got {_short(count)}")
+    return {"images": images, "rows_given": int(rows), "count": int(count), "seed": _parse_seed(fields)}
 
 
 def _parse_labels(labels: Any, count: int, schema: RequestSchema) -> list[int]:

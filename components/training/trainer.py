@@ -240,7 +240,7 @@ class Trainer:
         steps_per_epoch = images.shape[0] // cfg.batch_size  # drop the ragged last batch: batch norm dislikes tiny ones
         if steps_per_epoch == 0:
             raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the {images.shape[0]} training images")
-        total = steps_per_epoch * cfg.epochs
+        total = max(1, round(steps_per_epoch * cfg.epochs))
         self._seed()
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step, self.rollbacks, self.lr_scale, self.last, self._live = 0, 0, 1.0, {}, None
