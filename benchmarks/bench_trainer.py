@@ -56,6 +56,7 @@ BUILT_IN: dict[str, dict] = {
     "ae": {"latent_dim": 8, "width": 32, "denoise_std": 0.0, "lr": 1e-3},
     "cvae": {"latent_dim": 8, "width": 32, "beta": 1.0, "lr": 1e-3},
     "colorize": {"width": 32, "lr": 1e-3},
+    "igpt": {"dim": 64, "depth": 4, "heads": 4, "mlp_ratio": 4, "beta2": 0.95, "lr": 1e-3},
     "srresnet": {"scale": 4, "width": 32, "blocks": 4, "lr": 1e-3},
     "srgan": {"scale": 4, "width": 32, "blocks": 4, "ndf": 32, "beta1": 0.9, "perceptual_weight": 0.01,
               "adversarial_weight": 0.001, "warmup_steps": 300, "lr": 1e-3},

@@ -92,6 +92,17 @@ def test_bench_gpu_dry_run_on_cpu_runs_every_loop(tmp_path):
     assert all(float(r.split("|")[4]) > 0 for r in rows)  # img/s
 
 
+def test_bench_modern_dry_run_times_each_model_of_the_gpu_profile(tmp_path):
+    out = tmp_path / "modern.md"
+    done = run_script("benchmarks/bench_modern.py", "--device", "cpu", "--dry-run", "--sample-count", "1",
+                      "--warm", "1", "--steps", "1", "--markdown-out", str(out), timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| igpt")]
+    assert len(rows) == 1 and all(float(v) > 0 for v in rows[0][5:8]), rows  # steps/s, img/s, samples/s
+    refused = run_script("benchmarks/bench_modern.py", "--device", "cpu", "--models", "nope", "--dry-run")
+    assert refused.returncode == 2 and "--models ['nope']: not in the train section" in refused.stderr
+
+
 def test_step_options_times_each_variant():
     done = run_script("benchmarks/step_options.py", "--variants", "fp32", "bf16+inputs+t1", "--steps", "1",
                       "--repeats", "1", "--images", "256")

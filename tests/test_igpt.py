@@ -170,6 +170,20 @@ def test_the_evaluation_draws_completions_of_held_out_images(tmp_path):
     u8 = torch.from_numpy(images(20, (1, 28, 28)))
     labels = torch.arange(20) % 10
     written = write_pictures(model, u8, labels, CLASSES, tmp_path, seed=0)
-    assert [p.name for p in written] == ["completions.png"]
+    assert [p.name for p in written] == ["completions.png"]  # no latent: no traversal, no latent-space scatter
     width, height = Image.open(written[0]).size
     assert (width, height) == (2 + (COMPLETIONS + 2) * 30, 2 + 8 * 30)  # 8 rows of given, completions, original
+
+
+def test_the_reports_strip_of_a_pixel_model_is_completions_of_held_out_images():
+    from components.reporting.pictures import interpolation_strip
+
+    model = tiny()
+    reference = torch.from_numpy(images(12, (1, 28, 28)))
+    strip = interpolation_strip(model, "generate", reference, rows=4, steps=10, seed=2)
+    assert strip.shape == (40, 1, 28, 28)
+    rows = strip.view(4, 10, 1, 28, 28)
+    for row in rows:  # given half (bottom grey), 8 completions, the original: all share the top half
+        assert torch.equal(row[0, :, 14:], torch.full((1, 14, 28), 128, dtype=torch.uint8))
+        assert all(torch.equal(image[:, :14], row[-1, :, :14]) for image in row)
+        assert any(row[-1].view(-1).tolist() == r.view(-1).tolist() for r in reference)

@@ -57,21 +57,19 @@ def write_pictures(model: GenerativeModel, images_u8: torch.Tensor, labels: torc
         written.append(path)
     if hasattr(model, "complete") and images_u8.shape[0] > 0:
         path = out_dir / "completions.png"
-        save_grid(completion_rows(model, images_u8, labels, seed), path, nrow=COMPLETIONS + 2)
+        picks = [int(torch.nonzero(labels == k)[0]) for k in labels.unique().tolist()]  # one of each class in turn
+        picks = (picks * COMPLETION_ROWS)[:COMPLETION_ROWS]
+        save_grid(completion_rows(model, images_u8[picks], COMPLETIONS, seed), path, nrow=COMPLETIONS + 2)
         written.append(path)
     return written
 
 
-def completion_rows(model: GenerativeModel, images_u8: torch.Tensor, labels: torch.Tensor, seed: int,
-                    rows: int = COMPLETION_ROWS, completions: int = COMPLETIONS) -> torch.Tensor:
-    """uint8 (rows·(completions + 2), C, H, W), row by row: a held-out image's top half (its bottom
-    half grey), `completions` completions of it, the image. Rows take the classes in turn."""
+def completion_rows(model: GenerativeModel, originals: torch.Tensor, completions: int, seed: int) -> torch.Tensor:
+    """uint8 (rows·(completions + 2), C, H, W), row by row: an image of `originals` (uint8 rows×C×H×W)
+    with its bottom half grey, `completions` completions of its top half, the image itself."""
     from components.evaluation.grid import complete_uint8
 
-    picks = [int(torch.nonzero(labels == k)[0]) for k in labels.unique().tolist()]
-    picks = (picks * rows)[:rows] if picks else []
-    originals = images_u8[picks]  # (rows, C, H, W)
-    given_rows = model.image_size // 2
+    rows, given_rows = originals.shape[0], model.image_size // 2
     completed = complete_uint8(model, originals, given_rows, completions, seed)  # (rows·completions, C, H, W)
     given = originals.clone()
     given[:, :, given_rows:] = 128

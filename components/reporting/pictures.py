@@ -65,9 +65,26 @@ def _restoration_strip(model: GenerativeModel, reference_u8: torch.Tensor, rows:
     return tiles
 
 
-# How a model of each task kind walks between two of its images (a translate model: from input to original).
+@torch.no_grad()
+def _completion_strip(model: GenerativeModel, reference_u8: torch.Tensor, rows: int, steps: int,
+                      seed: int) -> torch.Tensor:
+    """A model that draws pixel by pixel has no latent space to walk: its rows are `rows` held-out
+    images picked at the seed, each as its top half, steps − 2 completions of it, and the original."""
+    from components.evaluation.pictures import completion_rows
+
+    pick = torch.randperm(reference_u8.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
+    return completion_rows(model, reference_u8[pick], max(steps - 2, 1), seed)
+
+
+# How a model of each task kind walks between two of its images (a translate model: from input to
+# original; a model that completes images: from its given half to its completions).
 STRIPS: dict[str, Callable[..., torch.Tensor]] = {"generate": _sampler_strip, "reconstruct": _autoencoder_strip,
-                                                  "translate": _restoration_strip}
+                                                  "translate": _restoration_strip, "complete": _completion_strip}
+
+
+def strip_kind(model: GenerativeModel, kind: str) -> str:
+    """Which of STRIPS draws `model`, of task `kind`."""
+    return "complete" if hasattr(model, "complete") else kind
 
 
 def interpolation_strip(model: GenerativeModel, kind: str, reference_u8: torch.Tensor, rows: int = 4,
@@ -75,7 +92,7 @@ def interpolation_strip(model: GenerativeModel, kind: str, reference_u8: torch.T
     """rows × steps uint8 images (rows·steps, C, H, W), row by row: one row per walk between two
     latent points, `steps` images along it."""
     model.eval()
-    return STRIPS[kind](model, reference_u8, rows, steps, seed)
+    return STRIPS[strip_kind(model, kind)](model, reference_u8, rows, steps, seed)
 
 
 def nearest_real(samples_u8: torch.Tensor, real_u8: torch.Tensor, k: int = 3,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from components.evaluation.grid import png_bytes
 from components.reporting.html import Picture, Section, render
-from components.reporting.pictures import interpolation_strip, nearest_real, neighbour_rows
+from components.reporting.pictures import interpolation_strip, nearest_real, neighbour_rows, strip_kind
 
 NEIGHBOUR_SAMPLES = 8   # samples whose nearest training images are shown
 NEIGHBOURS = 3
@@ -30,6 +30,8 @@ STRIP_TEXT = {
     "translate": ("Restorations", "Each row: a held-out image's degraded input, each classical baseline, the "
                                   "model and the original, with PSNR (dB) and SSIM against the original (inside "
                                   "the hole for inpainting)."),
+    "complete": ("Completions", "Each row: a held-out image's top half, completions of its bottom half drawn "
+                                "pixel by pixel, and the original."),
 }
 
 
@@ -191,7 +193,7 @@ def build_report(spec: str, data_dir: Path, seed: int = 0, count: int = 64) -> s
                                 "drawn as noted, so a difference is the models' unless their code differs.",
                                 pictures=pictures))
         strip = interpolation_strip(model, kind, reference, seed=seed)
-        title, text = STRIP_TEXT[kind]
+        title, text = STRIP_TEXT[strip_kind(model, kind)]
         sections.append(Section(title, text, pictures=[_picture(title.lower(), strip, nrow=strip.shape[0] // 4)]))
         sections.append(_neighbours(images[:NEIGHBOUR_SAMPLES], reference[:NEIGHBOUR_SAMPLES], train))
         evaluation = _eval_pictures(version.run_id, Path(tmp) / "eval")

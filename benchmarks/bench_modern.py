@@ -1,0 +1,126 @@
+"""Training steps/s and sampling img/s of the modern generators under a params profile, in ≤ 5 minutes on one GPU.
+
+    python benchmarks/bench_modern.py                                    # CUDA, profiles/gpu.yaml's settings
+    python benchmarks/bench_modern.py --models igpt --steps 50 --markdown-out modern.md
+    python benchmarks/bench_modern.py --device cpu --dry-run             # tiny widths: exercises every path
+
+For each model (an entry of params.yaml's train section after merging --profile): the Trainer on
+synthetic uint8 images preloaded on the device, with the entry's precision/channels_last/compile;
+an untimed warm-up run (compilation, allocator, cuDNN's search), then --steps timed steps with the
+device synchronised before and after. Then `sample_uint8` of --sample-count images (iGPT: the
+KV-cache sampler, one token per step), timed the same way. Bare-loop comparisons live in
+benchmarks/bench_trainer.py (the CPU); this script answers what a GPU worker gets from the profile.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from components.config import apply_overrides, apply_profile, read_params_raw  # noqa: E402
+from components.evaluation.grid import sample_uint8  # noqa: E402
+from components.models import build_model  # noqa: E402
+from components.params import parse_params  # noqa: E402
+from components.training.trainer import Trainer  # noqa: E402
+
+DRY_RUN = {"igpt": ["dim=8", "depth=1", "heads=2", "batch_size=4"]}  # per family: tiny overrides
+
+
+def fail(message: str) -> None:
+    print(f"bench_modern.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", type=Path, default=ROOT / "profiles" / "gpu.yaml")
+    ap.add_argument("--models", nargs="+", default=["igpt"], help="entries of the merged train section")
+    ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --dry-run)")
+    ap.add_argument("--steps", type=int, help="timed training steps per model (default 30; dry run 2)")
+    ap.add_argument("--warm", type=int, default=5, help="untimed warm-up steps (default 5)")
+    ap.add_argument("--sample-count", type=int, help="images sampled and timed (default 256; dry run 2)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny widths, steps and samples")
+    ap.add_argument("--markdown-out", type=Path, help="also write the table here")
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (2 if args.dry_run else 30)
+    args.sample_count = args.sample_count or (2 if args.dry_run else 256)
+    return args
+
+
+def load_configs(args) -> dict:
+    raw = read_params_raw(ROOT / "params.yaml")
+    apply_profile(raw, args.profile)
+    params = parse_params(raw)
+    unknown = [m for m in args.models if m not in params.train]
+    if unknown:
+        fail(f"--models {unknown}: not in the train section of params.yaml + {args.profile.name}; "
+             f"known: {', '.join(params.train)}")
+    if args.dry_run:
+        apply_overrides(raw, [f"train.{m}.{o}" for m in args.models for o in DRY_RUN.get(params.train[m].family, [])])
+        params = parse_params(raw)
+    return {m: params.train[m] for m in args.models}
+
+
+def timed(device: torch.device, fn) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench(name: str, cfg, device: torch.device, args) -> dict:
+    build = lambda c: build_model(c, 1, 10).to(device)  # noqa: E731
+    images = torch.randint(0, 256, ((args.steps + args.warm) * cfg.batch_size, 1, cfg.image_size, cfg.image_size),
+                           dtype=torch.uint8, device=device)
+    labels = torch.zeros(images.shape[0], dtype=torch.long, device=device)
+
+    def train(steps: int):
+        epochs = steps * cfg.batch_size / images.shape[0]
+        model = build(cfg.model_copy(update={"epochs": epochs}))
+        return model, lambda: Trainer(model, cfg.model_copy(update={"epochs": epochs}), progress=False,
+                                      device=device).fit(images, labels)
+
+    timed(device, train(args.warm)[1])  # compile, allocator, cuDNN
+    model, fit = train(args.steps)
+    seconds = timed(device, fit)
+    model.eval()
+    sample_s = timed(device, lambda: sample_uint8(model, args.sample_count, seed=0))
+    return {"model": name, "family": cfg.family, "batch": cfg.batch_size, "options": cfg.precision
+            + ("+compile" if cfg.compile else ""), "steps_per_s": args.steps / seconds,
+            "img_per_s": args.steps * cfg.batch_size / seconds, "samples_per_s": args.sample_count / sample_s}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("CUDA is not available; run this on a GPU machine, or `--device cpu --dry-run` to exercise it")
+    if device.type != "cuda" and not args.dry_run:
+        fail(f"--device {args.device}: timings are for a GPU; add --dry-run to exercise the script here")
+    configs = load_configs(args)
+    rows = [bench(name, cfg, device, args) for name, cfg in configs.items()]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    lines = [f"{name}; torch {torch.__version__}; profile {args.profile.name}; {args.steps} timed steps", "",
+             "| model | family | batch | options | train steps/s | train img/s | sample img/s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['family']} | {r['batch']} | {r['options']} | {r['steps_per_s']:.2f} | "
+              f"{r['img_per_s']:.0f} | {r['samples_per_s']:.1f} |" for r in rows]
+    print("\n".join(lines))
+    if args.markdown_out is not None:
+        args.markdown_out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
