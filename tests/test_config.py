@@ -37,7 +37,7 @@ def test_shipped_params_load():
     assert type(params.model("dcgan")).__name__ == "DCGANConfig"  # the family's own config class
     assert params.model("dcgan").ngf == 64
     assert params.evaluate.metrics == ["fid", "fid_floor", "kid", "class_coverage", "inception_score", "precision_recall",
-                                       "density_coverage", "recon_mse", "psnr", "ssim", "elbo", "inception"]
+                                       "density_coverage", "recon_mse", "psnr", "ssim", "elbo", "nll", "inception"]
     assert [params.registry.metric_for(kind) for kind in ("generate", "reconstruct", "translate")] == [
         "fid", "fid", "psnr_gain"]
 

@@ -157,7 +157,7 @@ def test_recon_mse_only_for_models_that_reconstruct(classifier, real):
 
 def test_unknown_metric_lists_valid():
     with pytest.raises(ValueError, match=r"unknown metric 'is'; valid: augment, cas, class_coverage, density_coverage, elbo, fid, "
-                                         r"fid_floor, inception, inception_score, kid, "
+                                         r"fid_floor, inception, inception_score, kid, nll, "
                                          r"precision_recall, psnr, recon_mse, ssim"):
         METRICS.get("is")
 
