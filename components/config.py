@@ -51,12 +51,54 @@ class DataConfig(Frozen):
     archive: ArchiveLimits
 
 
-class ClassifierConfig(Frozen):
+class ViTConfig(Frozen):
+    """The Vision Transformer evaluator (classifier.arch: vit): its sizes and its own training recipe."""
+
+    patch: int = Field(gt=0)      # square patches of the 28×28 input; must divide 28 (4 → 7×7 tokens)
+    dim: int = Field(gt=0)
+    depth: int = Field(gt=0)
+    heads: int = Field(gt=0)      # must divide dim
+    mlp_ratio: float = Field(gt=0)
+    pool: Literal["cls", "mean"]  # a class token, or the mean of the patch tokens
     epochs: int = Field(gt=0)
+    lr: float = Field(gt=0)       # AdamW's peak, reached linearly over `warmup` of the steps, then cosine to 0
+    weight_decay: float = Field(ge=0)
+    warmup: float = Field(gt=0, lt=1)
+    label_smoothing: float = Field(ge=0, lt=1)
+    crop_pad: int = Field(ge=0, le=8)  # random crop of the image padded by this many pixels; 0: none
+    flip: bool                    # random horizontal flips
+
+    @field_validator("patch")
+    @classmethod
+    def _divides_input(cls, value: int) -> int:
+        if 28 % value:  # components.evaluation.classifier.INPUT_SIZE
+            raise ValueError("must divide the classifier's 28×28 input: use 1, 2, 4, 7, 14 or 28")
+        return value
+
+    @field_validator("heads")
+    @classmethod
+    def _divides_dim(cls, value: int, info: ValidationInfo) -> int:
+        dim = info.data.get("dim")
+        if dim is not None and dim % value:
+            raise ValueError(f"must divide dim ({dim}); pick a divisor of it or change dim")
+        return value
+
+
+class ClassifierConfig(Frozen):
+    arch: Literal["cnn", "vit"]
+    epochs: int = Field(gt=0)     # epochs, lr and width are the CNN's; the ViT's are under `vit`
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
     width: int = Field(gt=0)
     seed: int = Field(ge=0)
+    vit: ViTConfig | None         # null only when arch is cnn, which ignores it
+
+    @field_validator("vit")
+    @classmethod
+    def _vit_when_chosen(cls, value: ViTConfig | None, info: ValidationInfo) -> ViTConfig | None:
+        if value is None and info.data.get("arch") == "vit":
+            raise ValueError("missing: arch is vit, so add the vit section (patch, dim, depth, ...)")
+        return value
 
 
 class TrainConfig(Frozen):

@@ -76,7 +76,7 @@ def _params_of(config: dict, prefix: str = "data.") -> list:
 
 
 def classifier_stage(params: Params, data_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
-    from components.evaluation.classifier import accuracy, train_classifier
+    from components.evaluation.classifier import accuracy, classifier_spec, train_classifier
 
     manifest = read_manifest(data_dir)
     images, labels = load_split(data_dir, "train")
@@ -87,18 +87,18 @@ def classifier_stage(params: Params, data_dir: Path, out_dir: Path, metrics_path
     print(f"classifier test accuracy: {metrics['test_accuracy']:.4f}")
     with staged_dir(out_dir) as tmp:
         save_weights(model, tmp / "classifier.safetensors")
-        write_json({"channels": images.shape[1], "num_classes": num_classes, "width": params.classifier.width,
+        write_json({**classifier_spec(params.classifier, images.shape[1], num_classes),
                     "dataset_version": dataset_version(data_dir)}, tmp / "classifier.json")
     write_json(metrics, Path(metrics_path))
     return metrics
 
 
 def load_classifier(classifier_dir: Path):
-    from components.evaluation.classifier import Classifier
+    """The classifier stage's network of the arch its classifier.json records (none recorded: cnn)."""
+    from components.evaluation.classifier import build_classifier
 
     spec = json.loads((Path(classifier_dir) / "classifier.json").read_text())
-    model = Classifier(spec["channels"], spec["num_classes"], spec["width"])
-    return load_weights(model, Path(classifier_dir) / "classifier.safetensors").to(device()).eval()
+    return load_weights(build_classifier(spec), Path(classifier_dir) / "classifier.safetensors").to(device()).eval()
 
 
 def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metrics_path: Path,

@@ -44,6 +44,6 @@ def evaluator(per_class: int = 600, epochs: int = 2):
     from components.evaluation.classifier import train_classifier
 
     images, labels = fashion_subset(per_class)
-    cfg = ClassifierConfig(epochs=epochs, batch_size=128, lr=0.003, width=16, seed=0)
+    cfg = ClassifierConfig(arch="cnn", epochs=epochs, batch_size=128, lr=0.003, width=16, seed=0, vit=None)
     with torch.random.fork_rng(devices=[]):
         return train_classifier(images, labels, len(CLASSES), cfg, torch.device("cpu"), progress=False).eval()

@@ -19,8 +19,8 @@ from components.models import GenerativeModel, build_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KEYS = {"augment_acc_real", "augment_acc_mixed", "augment_gain"}
-TINY_CLASSIFIER = ClassifierConfig(epochs=1, batch_size=16, lr=0.003, width=4, seed=0)
-GAIN_CLASSIFIER = ClassifierConfig(epochs=4, batch_size=64, lr=0.003, width=16, seed=0)
+TINY_CLASSIFIER = ClassifierConfig(arch="cnn", epochs=1, batch_size=16, lr=0.003, width=4, seed=0, vit=None)
+GAIN_CLASSIFIER = ClassifierConfig(arch="cnn", epochs=4, batch_size=64, lr=0.003, width=16, seed=0, vit=None)
 
 
 def to_unit(images_u8: torch.Tensor) -> torch.Tensor:

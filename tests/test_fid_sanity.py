@@ -145,7 +145,7 @@ class RealImagesOfTheClass(GenerativeModel):
         return to_unit(torch.stack(picks))  # (n, 1, 28, 28)
 
 
-CAS_CLASSIFIER = ClassifierConfig(epochs=2, batch_size=64, lr=0.003, width=16, seed=0)
+CAS_CLASSIFIER = ClassifierConfig(arch="cnn", epochs=2, batch_size=64, lr=0.003, width=16, seed=0, vit=None)
 
 
 @pytest.fixture(scope="module")

@@ -575,8 +575,8 @@ def test_the_class_histogram_sentinel_judges_samples_with_the_classifier():
     from components.training.sentinel import class_histogram_sentinel
 
     images, labels = structured_images(64)
-    classifier = train_classifier(images, labels, 4, ClassifierConfig(epochs=3, batch_size=16, lr=3e-3, width=4,
-                                                                      seed=0), progress=False)
+    classifier = train_classifier(images, labels, 4, ClassifierConfig(arch="cnn", epochs=3, batch_size=16, lr=3e-3,
+                                                                      width=4, seed=0, vit=None), progress=False)
     sentinel = class_histogram_sentinel(classifier, 4, samples=100)
     with pytest.warns(RuntimeWarning, match=r"mode-collapse sentinel: the largest class takes 100% of 100 samples, "
                                             r"1 of 4 classes appear"):
