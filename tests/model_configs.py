@@ -24,6 +24,8 @@ TINY = {
     "cgan": {"latent_dim": 8, "ngf": 4, "ndf": 4, "beta1": 0.5, "spectral_norm": False, "text_dim": 8},
     "wgan_gp": {"latent_dim": 8, "ngf": 4, "ndf": 4, "n_critic": 2, "gp_lambda": 10.0, "beta1": 0.0, "beta2": 0.9,
                 "spectral_norm": False},
+    "progan": {"latent_dim": 8, "ngf": 4, "ndf": 4, "fade_images": 16, "stable_images": 16, "gp_lambda": 10.0,
+               "drift": 0.001, "beta1": 0.0, "beta2": 0.99},
 }
 
 

@@ -53,16 +53,18 @@ def test_params_override_is_validated_and_printed(project):
     assert '"epochs": 7' in result.stdout
 
 
-def test_the_zoo_profile_adds_every_family_and_a_bad_profile_is_named(project):
+def test_the_zoo_and_modern_profiles_add_every_family_and_a_bad_profile_is_named(project):
     shutil.copytree(REPO / "profiles", project / "profiles")
-    result = run_cli(["params", "--profile", "zoo"], project, GENPIPE_HOME=str(project / ".genpipe"))
-    assert result.returncode == 0, result.stderr
-    train = json.loads(result.stdout)["train"]
-    assert {cfg["family"] for cfg in train.values()} == set(FAMILIES.names())
+    families = set()
+    for profile in ("zoo", "modern"):
+        result = run_cli(["params", "--profile", profile], project, GENPIPE_HOME=str(project / ".genpipe"))
+        assert result.returncode == 0, result.stderr
+        families |= {cfg["family"] for cfg in json.loads(result.stdout)["train"].values()}
+    assert families == set(FAMILIES.names())
 
     result = run_cli(["params", "--profile", "everything"], project, GENPIPE_HOME=str(project / ".genpipe"))
     assert result.returncode == 2
-    assert "--profile everything: no profiles/everything.yaml; profiles here: ['zoo']" in result.stderr
+    assert "--profile everything: no profiles/everything.yaml; profiles here: ['gpu', 'modern', 'zoo']" in result.stderr
 
     (project / "profiles" / "typo.yaml").write_text("evalute:\n  seed: 1\n")
     result = run_cli(["params", "--profile", "typo"], project, GENPIPE_HOME=str(project / ".genpipe"))

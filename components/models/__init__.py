@@ -3,6 +3,7 @@ import torch
 
 from components.models.base import FAMILIES, Family, GenerativeModel, StepOutput
 from components.models import ae, cgan, colorize, cvae, dcgan, igpt, inpaint, sr, vae, wgan_gp  # noqa: F401  (registers the families)
+from components.models import progan  # noqa: F401  (registers the family)
 
 __all__ = ["FAMILIES", "Family", "GenerativeModel", "StepOutput", "build_model", "class_names"]
 
