@@ -37,8 +37,7 @@ from components.evaluation.metrics import METRICS, EvalContext  # noqa: E402
 from components.evaluation.pictures import completion_rows  # noqa: E402
 from components.models import build_model  # noqa: E402
 from components.params import parse_params  # noqa: E402
-from components.training.trainer import Trainer  # noqa: E402
-from sample_quality import evaluator  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from sample_quality import evaluator, fit_timed  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
 
 def main() -> None:
@@ -67,12 +66,8 @@ def main() -> None:
     real = reference_subset(test_images, params.evaluate)
     cfg = params.model(args.model)
     model = build_model(cfg, images.shape[1], len(data.classes), data.classes)
-    trainer = Trainer(model, cfg, name=args.model, log_every=100, progress=False,
-                      log_fn=lambda values, step: print(f"  step {step}: " + " ".join(
-                          f"{k}={v:.4g}" for k, v in values.items()), flush=True))
-    start = time.perf_counter()
-    trainer.fit(images, labels)
-    result: dict = {"set": args.set, "threads": args.threads, "train_s": round(time.perf_counter() - start, 1),
+    _, train_s = fit_timed(model, cfg, args.model, images, labels, log_every=100)
+    result: dict = {"set": args.set, "threads": args.threads, "train_s": round(train_s, 1),
                     "parameters": sum(p.numel() for p in model.parameters())}
     model.eval()
 

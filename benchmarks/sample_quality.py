@@ -41,6 +41,18 @@ def evaluator(params, train_images, train_labels, num_classes: int, cache: Path)
     return model.eval()
 
 
+def fit_timed(model, cfg, name: str, images: torch.Tensor, labels: torch.Tensor,
+              log_every: int = 200) -> tuple[Trainer, float]:
+    """Train `model` as the train stage does (the Trainer, preloaded images), printing its logs:
+    (the trainer, which holds the live weights, and the seconds it took)."""
+    trainer = Trainer(model, cfg, name=name, log_every=log_every, progress=False,
+                      log_fn=lambda values, step: print(f"  step {step}: " + " ".join(
+                          f"{k}={v:.4g}" for k, v in values.items()), flush=True))
+    start = time.perf_counter()
+    trainer.fit(images, labels)
+    return trainer, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="an entry of params.yaml's train section")
@@ -64,12 +76,7 @@ def main() -> None:
     classifier = evaluator(params, images, labels, len(data.classes), args.cache)
 
     model = build_model(cfg, images.shape[1], len(data.classes), data.classes)
-    trainer = Trainer(model, cfg, name=args.model, log_every=200, progress=False,
-                      log_fn=lambda values, step: print(f"  step {step}: " + " ".join(
-                          f"{k}={v:.3g}" for k, v in values.items()), flush=True))
-    start = time.perf_counter()
-    trainer.fit(images, labels)
-    train_s = time.perf_counter() - start
+    trainer, train_s = fit_timed(model, cfg, args.model, images, labels)
     kind = FAMILIES.get(cfg.family).kind
     result = {"model": args.model, "set": args.set, "train_s": round(train_s, 1), "threads": args.threads}
     for weights in ("ema", "live") if cfg.ema_decay > 0 else ("live",):
