@@ -75,7 +75,7 @@ def main() -> None:
         scores = METRICS.get("nll")(EvalContext(model=model, classifier=None, real=real.float() / 127.5 - 1,
                                                 fake=real[:0].float(), kid_subset_size=1, train_u8=images))
     result.update({k: round(v, 4) for k, v in scores.items()})
-    print(f"test bits/dim {scores['bits_per_dim']:.4f} (histogram {scores['histogram_bits_per_dim']:.4f})", flush=True)
+    print(f"test bits/dim {scores['nll_bits_per_dim']:.4f} (histogram {scores['histogram_bits_per_dim']:.4f})", flush=True)
 
     start = time.perf_counter()
     samples = sample_uint8(model, args.samples, seed=params.evaluate.seed)

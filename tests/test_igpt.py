@@ -65,6 +65,9 @@ def test_completions_keep_the_given_rows_bit_for_bit_and_a_seed_repeats():
     assert not torch.equal(first[0, :, 14:], first[1, :, 14:])  # two completions of one image differ
     with pytest.raises(ValueError, match="rows_given: must be in 0..28"):
         model.complete(as_input(u8), 29)
+    assert torch.equal(model.complete(as_input(u8), 28), as_input(u8))  # all rows given: the images themselves
+    with pytest.raises(ValueError, match="heads\n.*must divide dim \(8\)"):
+        model_config("igpt", heads=3)
 
 
 def test_the_loss_goes_down_and_the_nll_metric_reports_it_beside_the_histogram():
@@ -89,7 +92,7 @@ def test_the_loss_goes_down_and_the_nll_metric_reports_it_beside_the_histogram()
                       train_u8=u8)
     scores = METRICS.get("nll")(ctx)
     nats = model.nats_per_image(as_input(u8[:8])).mean().item()
-    assert scores["bits_per_dim"] == pytest.approx(nats / (784 * math.log(2)), rel=1e-4)
+    assert scores["nll_bits_per_dim"] == pytest.approx(nats / (784 * math.log(2)), rel=1e-4)
     # the histogram counts 64 images per pixel over 256 values (+1 each): a value seen k times has p = (k+1)/320
     counts = torch.stack([torch.bincount(u8.flatten(1)[:, d].long(), minlength=256) for d in range(784)])  # (784, 256)
     p = (counts.double() + 1) / (64 + 256)

@@ -130,6 +130,19 @@ def test_srgan_without_an_evaluator_says_how_to_give_it_one():
         model.set_evaluator(evaluator(channels=3))
 
 
+def test_srgan_trains_on_a_vit_evaluators_features_too():
+    from components.evaluation.classifier import ViT
+
+    torch.manual_seed(0)
+    vit = ViT(channels=1, num_classes=10, patch=4, dim=16, depth=1, heads=2, mlp_ratio=2, pool="mean").eval()
+    model = build_model(model_config("srgan", perceptual_weight=1.0), 1, 10)
+    model.set_evaluator(vit)
+    train_on_one_batch(model, steps=1)  # the perceptual loss compares the ViT's 128-d features
+    with pytest.raises(ValueError, match="evaluator classifier takes 3-channel images, the model makes 1-channel"):
+        model.set_evaluator(ViT(channels=3, num_classes=10, patch=4, dim=16, depth=1, heads=2, mlp_ratio=2,
+                                pool="mean"))
+
+
 def test_the_evaluator_is_frozen_and_never_saved_with_the_model(tmp_path):
     classifier = evaluator()
     before = {k: v.clone() for k, v in classifier.state_dict().items()}

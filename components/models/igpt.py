@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from components.config import TrainConfig
@@ -27,9 +27,17 @@ LEVELS = 256  # one token per 8-bit value
 class IGPTConfig(TrainConfig):
     dim: int = Field(gt=0)
     depth: int = Field(gt=0)
-    heads: int = Field(gt=0)
+    heads: int = Field(gt=0)  # must divide dim
     mlp_ratio: int = Field(gt=0)
     beta2: float = Field(gt=0, lt=1)
+
+    @field_validator("heads")
+    @classmethod
+    def _divides_dim(cls, value: int, info: ValidationInfo) -> int:
+        dim = info.data.get("dim")
+        if dim is not None and dim % value:
+            raise ValueError(f"must divide dim ({dim}); pick a divisor of it or change dim")
+        return value
 
 
 class KVCache:
@@ -52,8 +60,6 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, layer: int):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
         self.heads, self.layer = heads, layer
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -175,6 +181,8 @@ class IGPT(GenerativeModel):
     def _continue(self, given: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Given tokens (N, T) → images in [-1, 1] (N, C, H, W) of those tokens and L − T drawn after them."""
         n, done = given.shape
+        if done == self.seq_len:  # every row given: nothing to draw
+            return self.to_images(given)
         cache = self.net.new_cache(n, given.device, next(self.parameters()).dtype)
         tokens = torch.empty(n, self.seq_len, dtype=torch.long, device=given.device)
         tokens[:, :done] = given

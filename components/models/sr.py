@@ -159,8 +159,10 @@ class SRGAN(SRResNet):
 
     def set_evaluator(self, classifier: Classifier) -> None:
         """The classifier whose features the perceptual loss compares: a frozen copy, never saved."""
-        if classifier.body[0].in_channels != self.channels:
-            raise ValueError(f"srgan: the evaluator classifier takes {classifier.body[0].in_channels}-channel "
+        # the input layer of either arch (the CNN's first convolution, the ViT's patch embedding)
+        takes = next(m for m in classifier.modules() if isinstance(m, nn.Conv2d)).in_channels
+        if takes != self.channels:
+            raise ValueError(f"srgan: the evaluator classifier takes {takes}-channel "
                              f"images, the model makes {self.channels}-channel ones; retrain the classifier "
                              f"on this data (genpipe classifier)")
         self.__dict__["_evaluator"] = copy.deepcopy(classifier).eval().requires_grad_(False)
