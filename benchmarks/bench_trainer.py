@@ -73,7 +73,7 @@ BUILT_IN: dict[str, dict] = {
     # profiles/modern.yaml's model grown after 64 images, so timed at 28×28 where its training spends most time
     # (a --batch-size above 16 needs fade_images and stable_images raised to it)
     "progan": {"latent_dim": 64, "ngf": 16, "ndf": 16, "fade_images": 16, "stable_images": 16, "batch_size": 16,
-               "gp_lambda": 10.0, "drift": 0.001, "beta1": 0.0, "beta2": 0.99, "lr": 4e-3},
+               "gp_lambda": 10.0, "drift": 0.001, "beta1": 0.0, "beta2": 0.99, "lr": 0.012},
 }
 
 # --options: each a '+'-joined set applied to the trainer's config; "params" keeps params.yaml's.

@@ -254,3 +254,18 @@ def test_two_processes_count_the_global_batch_and_keep_the_same_weights(tmp_path
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert int(rank0["images_seen"]) == int(rank1["images_seen"]) == 96  # 12 global batches of 8
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_the_evaluation_draws_the_same_samples_at_every_resolution_grown(tmp_path):
+    from PIL import Image
+
+    from components.evaluation.pictures import GROWTH_SAMPLES, write_pictures
+
+    model = build_model(model_config("progan"), 1, 10).eval()
+    model.images_seen.fill_(10**6)  # past the schedule: grown to 28×28
+    model.load_state_dict(model.state_dict())  # loading refreshes the phase, as a reloaded model's
+    written = write_pictures(model, torch.zeros(0, 1, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
+                             ["a"], tmp_path, seed=0)
+    assert [p.name for p in written] == ["resolutions.png"]
+    width, height = Image.open(written[0]).size
+    assert (width, height) == (2 + GROWTH_SAMPLES * 30, 2 + 3 * 30)  # 7, 14 and 28 px rows

@@ -6,6 +6,8 @@
   sample in every row.
 - Latent space (models with `encode`): held-out images' codes projected on their first two principal
   components, one colour per class: an autoencoder's clustered, gappy latent space beside a VAE's.
+- Growth (models with `samples_by_resolution`, the progressive GAN): a row per resolution grown, the
+  same draws in every column, each image enlarged (nearest) to the model's size.
 - Completions (models with `complete`): a row per held-out image, of its top half alone, several
   completions of its bottom half, and the image itself (Chen et al., 2020, "Generative Pretraining
   from Pixels", Fig. 1).
@@ -27,6 +29,7 @@ TRAVERSAL_STEPS = 9    # columns: −3σ … +3σ
 TRAVERSAL_SEEDS = 3    # PNGs, from seeds seed, seed+1, …
 COMPLETION_ROWS = 8    # held-out images, one of each class in turn
 COMPLETIONS = 5        # completions of each
+GROWTH_SAMPLES = 8     # columns of the growth picture
 SCATTER_POINTS = 2000  # held-out images in the latent-space picture
 BATCH = 500
 
@@ -55,6 +58,10 @@ def write_pictures(model: GenerativeModel, images_u8: torch.Tensor, labels: torc
         save_scatter(project_2d(codes), labels[pick], classes, path,
                      title=f"{type(model).__name__} latent space: held-out images, first two principal components")
         written.append(path)
+    if hasattr(model, "samples_by_resolution"):
+        path = out_dir / "resolutions.png"
+        save_grid(growth_rows(model, seed), path, nrow=GROWTH_SAMPLES)
+        written.append(path)
     if hasattr(model, "complete") and images_u8.shape[0] > 0:
         path = out_dir / "completions.png"
         picks = [int(torch.nonzero(labels == k)[0]) for k in labels.unique().tolist()]  # one of each class in turn
@@ -62,6 +69,15 @@ def write_pictures(model: GenerativeModel, images_u8: torch.Tensor, labels: torc
         save_grid(completion_rows(model, images_u8[picks], COMPLETIONS, seed), path, nrow=COMPLETIONS + 2)
         written.append(path)
     return written
+
+
+def growth_rows(model: GenerativeModel, seed: int, samples: int = GROWTH_SAMPLES) -> torch.Tensor:
+    """uint8 (resolutions·samples, C, size, size): row r holds the same `samples` draws at the r-th
+    resolution grown, lowest first, enlarged to the model's size."""
+    z = model.noise(samples, torch.Generator().manual_seed(seed))
+    rows = [torch.nn.functional.interpolate(images, size=model.image_size, mode="nearest")
+            for _, images in model.samples_by_resolution(z)]
+    return to_uint8(torch.cat(rows).cpu())
 
 
 def completion_rows(model: GenerativeModel, originals: torch.Tensor, completions: int, seed: int) -> torch.Tensor:
