@@ -21,7 +21,8 @@ class StepOutput:
 
 # What a registered model of a family does with a request; the trainer, evaluator, registry and
 # pyfunc dispatch on this, never on a family's name.
-#   generate:    {"count", "seed", + the family's conditions} → images
+#   generate:    {"count", "seed", + the family's conditions} → images; a family that `completes` also
+#                takes {"images", "rows_given", "count" (per image), "seed"} → completions of the images
 #   reconstruct: {"images", "output": "reconstruction" | "latent"} → images or latent codes
 #   translate:   {"images" (the family's input_shape), + "mask" when it takes_mask} → images
 # (TaskKind itself is declared in components/config.py, where registry.gating_metric is keyed by it.)
