@@ -51,6 +51,14 @@ class DataConfig(Frozen):
     archive: ArchiveLimits
 
 
+def heads_divide_dim(value: int, info: ValidationInfo) -> int:
+    """A transformer config's `heads` validator: each head takes dim / heads channels."""
+    dim = info.data.get("dim")
+    if dim is not None and dim % value:
+        raise ValueError(f"must divide dim ({dim}); pick a divisor of it or change dim")
+    return value
+
+
 class ViTConfig(Frozen):
     """The Vision Transformer evaluator (classifier.arch: vit): its sizes and its own training recipe."""
 
@@ -75,13 +83,7 @@ class ViTConfig(Frozen):
             raise ValueError("must divide the classifier's 28×28 input: use 1, 2, 4, 7, 14 or 28")
         return value
 
-    @field_validator("heads")
-    @classmethod
-    def _divides_dim(cls, value: int, info: ValidationInfo) -> int:
-        dim = info.data.get("dim")
-        if dim is not None and dim % value:
-            raise ValueError(f"must divide dim ({dim}); pick a divisor of it or change dim")
-        return value
+    _heads_divide_dim = field_validator("heads")(heads_divide_dim)
 
 
 class ClassifierConfig(Frozen):

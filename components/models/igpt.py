@@ -15,10 +15,10 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
-from components.config import TrainConfig
+from components.config import TrainConfig, heads_divide_dim
 from components.models.base import FAMILIES, Family, GenerativeModel, StepOutput, adam
 
 LEVELS = 256  # one token per 8-bit value
@@ -31,13 +31,7 @@ class IGPTConfig(TrainConfig):
     mlp_ratio: int = Field(gt=0)
     beta2: float = Field(gt=0, lt=1)
 
-    @field_validator("heads")
-    @classmethod
-    def _divides_dim(cls, value: int, info: ValidationInfo) -> int:
-        dim = info.data.get("dim")
-        if dim is not None and dim % value:
-            raise ValueError(f"must divide dim ({dim}); pick a divisor of it or change dim")
-        return value
+    _heads_divide_dim = field_validator("heads")(heads_divide_dim)
 
 
 class KVCache:
