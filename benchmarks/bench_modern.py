@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from baselines import sync  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from components.config import apply_overrides, apply_profile, read_params_raw  # noqa: E402
 from components.evaluation.grid import sample_uint8  # noqa: E402
 from components.models import build_model  # noqa: E402
@@ -35,11 +36,6 @@ DRY_RUN = {"igpt": ["dim=8", "depth=1", "heads=2", "batch_size=4"]}  # per famil
 def fail(message: str) -> None:
     print(f"bench_modern.py: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,10 +83,9 @@ def bench(name: str, cfg, device: torch.device, args) -> dict:
     labels = torch.zeros(images.shape[0], dtype=torch.long, device=device)
 
     def train(steps: int):
-        epochs = steps * cfg.batch_size / images.shape[0]
-        model = build(cfg.model_copy(update={"epochs": epochs}))
-        return model, lambda: Trainer(model, cfg.model_copy(update={"epochs": epochs}), progress=False,
-                                      device=device).fit(images, labels)
+        short = cfg.model_copy(update={"epochs": steps * cfg.batch_size / images.shape[0]})
+        model = build(short)
+        return model, lambda: Trainer(model, short, progress=False, device=device).fit(images, labels)
 
     timed(device, train(args.warm)[1])  # compile, allocator, cuDNN
     model, fit = train(args.steps)
