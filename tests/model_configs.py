@@ -26,6 +26,9 @@ TINY = {
                 "spectral_norm": False},
     "progan": {"latent_dim": 8, "ngf": 4, "ndf": 4, "fade_images": 16, "stable_images": 16, "gp_lambda": 10.0,
                "drift": 0.001, "beta1": 0.0, "beta2": 0.99},
+    "kl_ae": {"latent_channels": 2, "width": 4, "kl_weight": 0.01},
+    "ldm": {"autoencoder": "kl_ae", "width": 4, "timesteps": 20, "uncond_prob": 0.2, "guidance": 2.0, "sample_steps": 4,
+            "text_dim": 8, "beta1": 0.9, "beta2": 0.999},
 }
 
 
@@ -54,4 +57,5 @@ def shrink_every_model(params_file, batch_size: int, width: int) -> list[str]:
 
 # The evaluate settings that tests constructing an EvaluateConfig by hand do not exercise.
 EVALUATE_EXTRAS = {"inception": {"mode": "never", "samples": 10000, "cpu_samples": 0},
-                   "augment": {"real_per_class": 5, "generated_per_class": 10}}
+                   "augment": {"real_per_class": 5, "generated_per_class": 10},
+                   "guidance": {"scales": [0.0, 2.0], "samples": 20}}

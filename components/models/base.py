@@ -32,7 +32,7 @@ class StepOutput:
 class Family:
     name: str
     config: type  # a components.config.TrainConfig subclass
-    build: Callable[..., "GenerativeModel"]  # (cfg, channels, classes: list of class names) -> model
+    build: Callable[..., "GenerativeModel"]  # (cfg, channels, classes: list of class names[, parts]) -> model
     kind: TaskKind = "generate"
     conditions: tuple[str, ...] = ()  # request fields a generate model takes besides count/seed: "labels", "prompt"
     # translate: (config, channels) -> C×H×W of the images a request sends (a 4x super-resolver: a quarter the size)
@@ -43,6 +43,10 @@ class Family:
     completes: bool = False
     uses_evaluator: bool = False  # trained with the evaluator classifier's features (set_evaluator before fit)
     data_channels: tuple[int, ...] = (1, 3)  # the datasets (data.channels) it can learn from: colorize needs colour
+    spatial_latent: bool = False  # encode/decode over a latent grid (latent_shape): what an ldm can be trained on
+    parts: tuple[str, ...] = ()  # config fields naming other trained models this family is built on (ldm: "autoencoder")
+    # generate: sampler settings a request may set, passed to sample() by name (ldm: "steps", "guidance")
+    sampler_options: tuple[str, ...] = ()
 
     def unfit_for(self, channels: int) -> str | None:
         """Why a model of this family cannot learn from a dataset of `channels` channels, or None."""
