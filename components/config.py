@@ -166,6 +166,20 @@ class AugmentConfig(Frozen):
     generated_per_class: int = Field(gt=0)
 
 
+class GuidanceSweepConfig(Frozen):
+    """The guidance trade-off of models sampled with classifier-free guidance (components.evaluation.guidance)."""
+
+    scales: list[float] = Field(min_length=1)  # beside the model's own default guidance
+    samples: int = Field(gt=1)  # per scale, the classes asked for in turn
+
+    @field_validator("scales")
+    @classmethod
+    def _non_negative(cls, value: list[float]) -> list[float]:
+        if any(not 0 <= v <= 20 for v in value):
+            raise ValueError("each scale must be in 0..20 (0: unconditional, 1: conditional)")
+        return value
+
+
 class EvaluateConfig(Frozen):
     metrics: list[str] = Field(min_length=1)
     num_samples: int = Field(gt=1)
@@ -176,6 +190,7 @@ class EvaluateConfig(Frozen):
     seed: int = Field(ge=0)
     inception: InceptionConfig
     augment: AugmentConfig
+    guidance: GuidanceSweepConfig
 
 
 # What a registered model does with a request (components/models/base.py documents each).
@@ -242,6 +257,9 @@ class Params(Frozen):
     data: DataConfig
     classifier: ClassifierConfig
     train: dict[str, SerializeAsAny[TrainConfig]]  # dumped with each family's own fields
+    # Models trained on the latents of an autoencoder of `train` (ldm): their own stage pair in dvc.yaml,
+    # train_latent@X and evaluate_latent@X, whose deps hold the autoencoder's trained model (the DAG edge)
+    latent: dict[str, SerializeAsAny[TrainConfig]]
     tracking: TrackingConfig
     divergence: DivergenceConfig
     evaluate: EvaluateConfig
@@ -251,10 +269,19 @@ class Params(Frozen):
     def registered_name(self, model: str) -> str:
         return registered_name(self.data.name, model)
 
+    @property
+    def models(self) -> dict[str, TrainConfig]:
+        """Every model, of `train` and of `latent`, by name (names are unique across the two)."""
+        return {**self.train, **self.latent}
+
+    def section_of(self, name: str) -> str:
+        """The params section a model is configured in: "train" or "latent"."""
+        return "latent" if name in self.latent else "train"
+
     def model(self, name: str) -> TrainConfig:
-        if name not in self.train:
-            raise ConfigError(f"train.{name}: no such model in {PARAMS_FILE}; configured: {sorted(self.train)}")
-        return self.train[name]
+        if name not in self.models:
+            raise ConfigError(f"train.{name}: no such model in {PARAMS_FILE}; configured: {sorted(self.models)}")
+        return self.models[name]
 
 
 def registered_name(data_name: str, model: str) -> str:
@@ -316,8 +343,8 @@ def apply_profile(raw: Any, profile: str | os.PathLike) -> Any:
         for key, value in extra.items():
             if isinstance(value, dict) and isinstance(node.get(key), dict):
                 merge(node[key], value, f"{where}{key}.")
-            elif key not in node and not where.startswith("train."):
-                raise ConfigError(f"{path}: {where}{key}: unknown key; a profile may add models to train, "
+            elif key not in node and not where.startswith(("train.", "latent.")):
+                raise ConfigError(f"{path}: {where}{key}: unknown key; a profile may add models to train and latent, "
                                   f"otherwise only change keys {PARAMS_FILE} has")
             else:
                 node[key] = value

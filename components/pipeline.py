@@ -102,12 +102,14 @@ def load_classifier(classifier_dir: Path):
 
 
 def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metrics_path: Path,
-                classifier_dir: Path | None = None) -> dict:
+                classifier_dir: Path | None = None, autoencoder_dir: Path | None = None) -> dict:
     """Train train.<name>; with classifier_dir (the evaluator), a generate-kind model's samples are
     watched for mode collapse every tracking.sentinel_every steps, and a family that uses_evaluator
     (srgan) trains on its features (classifier_dir is then required). Under torchrun (WORLD_SIZE > 1)
     each process trains on its slice of every global batch; rank 0 alone logs, checkpoints and
-    writes the outputs, and the others wait for it (components.training.distributed)."""
+    writes the outputs, and the others wait for it (components.training.distributed). A model of the
+    latent section is built on its trained autoencoder (autoencoder_dir), which it holds frozen: its
+    model.json records the autoencoder's own spec under `parts`, so the saved model loads alone."""
     from contextlib import nullcontext
 
     from components.models import FAMILIES, build_model
@@ -121,7 +123,8 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
     manifest = read_manifest(data_dir)
     images, labels = load_split(data_dir, "train")
     channels, classes = images.shape[1], manifest["classes"]
-    model = build_model(cfg, channels, len(classes), classes)  # initial weights from cfg.seed
+    parts, part_specs = trained_parts(params, name, autoencoder_dir)
+    model = build_model(cfg, channels, len(classes), classes, parts=parts)  # initial weights from cfg.seed
     evaluator_key = ""
     if FAMILIES.get(cfg.family).uses_evaluator:  # e.g. srgan's perceptual loss on the evaluator's features
         if classifier_dir is None:
@@ -148,7 +151,7 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
         # A checkpoint resumes only under the same data, training code and rollback rule (and, for a
         # family trained on its features, the same evaluator).
         resume_key = (f"{data_version}-{source_hash('models', 'training', 'images.py')}-"
-                      f"{config_hash(params.divergence)}{evaluator_key}")
+                      f"{config_hash(params.divergence)}{evaluator_key}{_parts_key(part_specs)}")
         with run as log_metrics:
             trainer = Trainer(model, cfg, name=name, log_every=params.tracking.log_every,
                               checkpoint_every=params.tracking.checkpoint_every,
@@ -160,7 +163,8 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
             if workers.is_main:
                 spec = {"family": cfg.family, "config": cfg.model_dump(mode="json"), "channels": channels,
                         "num_classes": len(classes), "classes": classes, "dataset": params.data.name,
-                        "dataset_version": data_version, "steps": trainer.step}
+                        "dataset_version": data_version, "steps": trainer.step,
+                        **({"parts": part_specs} if part_specs else {})}
                 with staged_dir(out_dir) as tmp:
                     save_trained_model(model, spec, tmp)
                     if cfg.ema_decay > 0:  # the weights before averaging, to measure what the EMA gains
@@ -175,6 +179,36 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
             checkpoint.unlink(missing_ok=True)
         workers.barrier()  # the other ranks end once rank 0 has written the outputs
     return metrics
+
+
+def trained_parts(params: Params, name: str, autoencoder_dir: Path | None) -> tuple[dict, dict]:
+    """The trained models a model of the latent section is built on, by config field, and their specs
+    (each one's model.json with its training run and weights' hash, the lineage a registered ldm carries);
+    ({}, {}) for a model of train."""
+    from components.models import FAMILIES
+    from components.tracking.model_files import load_trained_model
+
+    cfg = params.model(name)
+    fields = FAMILIES.get(cfg.family).parts
+    if not fields:
+        if autoencoder_dir is not None:
+            raise ValueError(f"--autoencoder: train.{name} ({cfg.family}) is not trained on another model; leave it out")
+        return {}, {}
+    if autoencoder_dir is None:
+        raise ValueError(f"latent.{name}: the {cfg.family} family is trained on an autoencoder's latents; pass its "
+                         f"trained model (genpipe train {name} --autoencoder artifacts/models/{cfg.autoencoder})")
+    folder = Path(autoencoder_dir)
+    model = load_trained_model(folder)
+    spec = json.loads((folder / "model.json").read_text())
+    run_file = folder / "run.json"
+    spec["training_run_id"] = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else ""
+    spec["weights_sha256"] = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    return {"autoencoder": model}, {"autoencoder": spec}
+
+
+def _parts_key(part_specs: dict) -> str:
+    """A checkpoint resumes only on the same trained parts (a retrained autoencoder starts the ldm again)."""
+    return "".join(f"-{spec['weights_sha256'][:16]}" for _, spec in sorted(part_specs.items()))
 
 
 def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Path, model_dir: Path,
@@ -203,13 +237,29 @@ def evaluate_stage(params: Params, name: str, data_dir: Path, classifier_dir: Pa
                                  real_labels=real_labels, train_u8=train, train_labels=train_labels,
                                  classifier_config=params.classifier, inception=inception)
         metrics.update(live_weight_scores(model, Path(model_dir), classifier, real, params, kind))
-        write_json(metrics, tmp / "metrics.json")
         write_pictures(model, real, real_labels, read_manifest(data_dir)["classes"], tmp / "pictures",
                        seed=params.evaluate.seed)
+        if "guidance" in FAMILIES.get(params.model(name).family).sampler_options:
+            metrics["class_agreement"] = write_guidance_sweep(model, classifier, real, params, name, tmp / "pictures")
+        write_json(metrics, tmp / "metrics.json")
         write_json(protocol, tmp / PROTOCOL_FILE)  # what these scores can be compared with
         write_json(inception_info, tmp / INCEPTION_PROTOCOL_FILE)  # the Inception scores' protocol, or why none
     print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
+
+
+def write_guidance_sweep(model, classifier, real_u8, params: Params, name: str, out_dir: Path) -> float:
+    """The guidance trade-off (guidance.json, guidance.png) in out_dir; returns the agreement at the model's
+    default guidance: the share of samples the evaluator labels as the class they were asked for."""
+    from components.evaluation.guidance import guidance_sweep, save_tradeoff_plot
+
+    rows = guidance_sweep(model, classifier, real_u8, params.evaluate.guidance, params.evaluate.seed)
+    write_json({"samples_per_scale": params.evaluate.guidance.samples, "scales": rows}, out_dir / "guidance.json")
+    save_tradeoff_plot(rows, out_dir / "guidance.png", f"{name}: classifier-free guidance, "
+                                                       f"{params.evaluate.guidance.samples} samples per scale")
+    for r in rows:
+        print(f"guidance {r['guidance']:g}: agreement {r['agreement']:.3f}, FID {r['fid']:.1f}")
+    return next(r["agreement"] for r in rows if r["default"])
 
 
 def inception_stage(params: Params, data_dir: Path, out_dir: Path) -> dict:

@@ -66,6 +66,7 @@ def cmd_train(args) -> None:
         # Without --nproc: the processes read WORLD_SIZE (and torchrun would take --nproc for its own option).
         argv = ["train", args.model, "--data", str(args.data), "--classifier", str(args.classifier),
                 "--out", str(args.out), "--metrics", str(args.metrics)]
+        argv += ["--autoencoder", str(args.autoencoder)] if args.autoencoder else []
         command = torchrun_command(args.nproc, "flows.cli", argv)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -79,7 +80,8 @@ def cmd_train(args) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     if is_main_process():  # rank 0 alone touches the outputs
         _sweep(args.out, args.metrics)
-    train_stage(_params(), args.model, args.data, args.out, args.metrics, classifier_dir=args.classifier)
+    train_stage(_params(), args.model, args.data, args.out, args.metrics, classifier_dir=args.classifier,
+                autoencoder_dir=args.autoencoder)
 
 
 def cmd_evaluate(args) -> None:
@@ -403,11 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--metrics", type=Path, required=True)
-    p = add("train", cmd_train, "train one model of params.yaml's train section (stage 'train@NAME')")
+    p = add("train", cmd_train, "train one model of params.yaml's train or latent section "
+                                "(stage 'train@NAME' or 'train_latent@NAME')")
     p.add_argument("model")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--classifier", type=Path, required=True,
                    help="the evaluator classifier, for the mode-collapse sentinel of generate-kind models")
+    p.add_argument("--autoencoder", type=Path, metavar="DIR",
+                   help="a latent model's trained autoencoder (artifacts/models/<its autoencoder>)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--metrics", type=Path, required=True)
     p.add_argument("--nproc", type=int, default=1, metavar="N",

@@ -119,26 +119,35 @@ def take_back(model: str, entries: dict) -> None:
 
 
 def train_models_on_workers(repo, params: Params) -> tuple[list[str], dict[str, str]]:
-    """Dispatch every out-of-date model at once; returns (stages run, failures by stage address)."""
+    """Dispatch the out-of-date models in waves: every model of a wave at once, a model built on another
+    (an ldm on its autoencoder) in a wave after it, with a job holding the lock its base's worker handed
+    back, so it trains on the new base. Returns (stages run, failures by stage address)."""
     from flows.runtime import describe
 
-    from components.params import unfit_models
+    from components.params import built_on, unfit_models
 
-    trainable = [m for m in params.train if m not in unfit_models(params)]  # the others: skipped, with why
-    models = out_of_date(repo, trainable)
-    unchanged = sorted(set(trainable) - set(models))
+    trainable = [m for m in params.models if m not in unfit_models(params)]  # the others: skipped, with why
+    ran, failures, handled = [], {}, set()
+    while pending := out_of_date(dvc.open_repo(repo.root_dir), [m for m in trainable if m not in handled]):
+        failed = {address.partition("@")[2] for address in failures}
+        for model in pending:
+            if bases := [b for b in built_on(params, model) if b in failed]:
+                failures[dvc.model_stage(params, "train", model)] = f"not trained: {bases[0]}, which it is built on, failed"
+                handled.add(model)
+        wave = [m for m in pending if m not in handled and not set(built_on(params, m)) & set(pending)]
+        if not wave:  # every pending model's base failed
+            break
+        handled |= set(wave)
+        job = training_job(dvc.open_repo(repo.root_dir), params)  # the lock as the previous waves left it
+        futures = {m: train_on_worker.submit(m, job, params.deploy.model_timeout_s) for m in wave}
+        for model, future in futures.items():
+            try:
+                entries = future.result()
+                take_back(model, entries)
+                ran += list(entries)
+            except Exception as exc:
+                failures[dvc.model_stage(params, "train", model)] = describe(exc)
+    unchanged = sorted(set(trainable) - handled)
     if unchanged:
         get_run_logger().info("unchanged, no worker needed: %s", ", ".join(unchanged))
-    if not models:
-        return [], {}
-    job = training_job(repo, params)
-    futures = {m: train_on_worker.submit(m, job, params.deploy.model_timeout_s) for m in models}
-    ran, failures = [], {}
-    for model, future in futures.items():
-        try:
-            entries = future.result()
-            take_back(model, entries)
-            ran += list(entries)
-        except Exception as exc:
-            failures[f"train@{model}"] = describe(exc)
     return ran, failures

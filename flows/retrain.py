@@ -65,8 +65,9 @@ def register(model: str, params: Params) -> Registration:
 
     repo = dvc.open_repo()
     name = params.registered_name(model)
-    model_dir = dvc.stage_paths(repo, f"train@{model}")["out"]
-    model_md5 = dvc.locked_md5(repo.root_dir, f"train@{model}", model_dir)
+    train_stage = dvc.model_stage(params, "train", model)
+    model_dir = dvc.stage_paths(repo, train_stage)["out"]
+    model_md5 = dvc.locked_md5(repo.root_dir, train_stage, model_dir)
     done = registered_already(name, model_md5)  # the common case of a scheduled run: nothing new to judge
     if done is not None:
         get_run_logger().info("%s v%s: %s (%s)", done.name, done.version, done.decision, done.reason)
@@ -75,7 +76,7 @@ def register(model: str, params: Params) -> Registration:
 
     data_dir = dvc.stage_paths(repo, "ingest")["out"]
     classifier_dir = dvc.stage_paths(repo, "classifier")["out"]
-    eval_dir = dvc.stage_paths(repo, f"evaluate@{model}")["metrics"].parent
+    eval_dir = dvc.stage_paths(repo, dvc.model_stage(params, "evaluate", model))["metrics"].parent
     lineage = {
         "dataset_version": dataset_version(data_dir),  # content hash: the same value as model.json's
         "dataset_md5": dvc.locked_md5(repo.root_dir, "ingest", data_dir),
@@ -176,7 +177,7 @@ def _train_and_register(params: Params) -> RetrainResult:
         push_artifacts()
     blocked = {_model_of(a, params) for a in [*failures, *skipped]} | set(not_trained)
     registrations = []
-    for model in params.train:
+    for model in params.models:
         if model in blocked:
             continue
         try:
@@ -212,11 +213,11 @@ def _run_stages(repo, params: Params, shared_only: bool = False) -> tuple[list[s
 
 
 def _training_slot(addressing: str, params: Params):
-    """train@X holds the model's training slot (with a Prefect server), as a worker's run of it does."""
+    """train@X (train_latent@X) holds the model's training slot (with a Prefect server), as a worker's run of it does."""
     import contextlib
 
     stage, _, model = addressing.partition("@")
-    if stage != "train" or model not in params.train:
+    if stage not in ("train", "train_latent") or model not in params.models:
         return contextlib.nullcontext()
     return training_slot(params.registered_name(model))
 
@@ -254,7 +255,7 @@ def _sweep_leftovers(repo) -> None:
 def _model_of(addressing: str, params: Params | None = None) -> str | None:
     """The model a per-model stage (`train@vae`, `register@vae`) belongs to; None for a shared stage."""
     _, at, key = addressing.partition("@")
-    return key if at and (params is None or key in params.train) else None
+    return key if at and (params is None or key in params.models) else None
 
 
 def _params_hash(params, model: str) -> str:

@@ -233,3 +233,39 @@ def test_a_gating_metric_without_its_own_margin_is_refused(raw):
     raw["registry"]["min_improvement"]["kid"] = 0.001
     raw["registry"]["ceiling"]["kid"] = 0.5
     assert parse_params(raw).registry.min_improvement == {"fid": 5.0, "psnr_gain": 0.2, "kid": 0.001}
+
+
+def test_a_latent_model_must_name_an_autoencoder_with_a_latent_grid(raw):
+    from model_configs import model_fields
+
+    raw["train"]["kl_ae"] = model_fields("kl_ae")
+    raw["latent"] = {"ldm": model_fields("ldm", autoencoder="kl_ae")}
+    params = parse_params(raw)
+    assert params.model("ldm").autoencoder == "kl_ae" and params.section_of("ldm") == "latent"
+    assert set(params.models) == {*params.train, "ldm"}
+
+    raw["latent"]["ldm"]["autoencoder"] = "kl-ae"
+    assert "latent.ldm.autoencoder: no model 'kl-ae' in train; name one of" in problems_of(raw)
+    raw["latent"]["ldm"]["autoencoder"] = "vae"
+    assert ("latent.ldm.autoencoder: train.vae is a vae, which has no latent grid to train on; "
+            "name a model of family kl_ae") in problems_of(raw)
+
+
+def test_each_model_in_the_section_of_its_kind_under_a_name_of_its_own(raw):
+    from model_configs import model_fields
+
+    raw["train"]["kl_ae"] = model_fields("kl_ae")
+    raw["train"]["ldm"] = model_fields("ldm", autoencoder="kl_ae")
+    raw["latent"] = {"vae": copy.deepcopy(raw["train"]["vae"])}
+    problems = problems_of(raw)
+    assert "train.ldm: the ldm family is trained on another model's latents (autoencoder); move it to the latent section" in problems
+    assert "latent.vae: train.vae exists too; a model name must be unique across train and latent" in problems
+    assert "latent.vae: the vae family is trained on images, not on another model; move it to the train section" in problems
+
+
+def test_a_profile_may_add_models_to_the_latent_section(tmp_path, raw):
+    from components.config import apply_profile
+
+    profile = tmp_path / "extra.yaml"
+    profile.write_text("latent:\n  ldm2:\n    family: ldm\n")
+    assert apply_profile(raw, profile)["latent"]["ldm2"] == {"family": "ldm"}

@@ -20,7 +20,13 @@ def load_trained_model(model_dir: Path, device: str = "cpu") -> GenerativeModel:
     spec_path = model_dir / "model.json"
     if not spec_path.is_file():
         raise FileNotFoundError(f"{spec_path}: missing; train the model first (genpipe train NAME)")
-    spec = json.loads(spec_path.read_text())
-    cfg = FAMILIES.get(spec["family"]).config.model_validate(spec["config"])
-    model = build_model(cfg, spec["channels"], spec["num_classes"], spec.get("classes"))
+    model = model_of_spec(json.loads(spec_path.read_text()))
     return load_weights(model, model_dir / "model.safetensors").to(device).eval()
+
+
+def model_of_spec(spec: dict) -> GenerativeModel:
+    """The (untrained) model a model.json describes, with the parts it is built on (an ldm's autoencoder,
+    whose own spec it records under `parts`), ready for its model.safetensors, which holds them all."""
+    parts = {field: model_of_spec(part) for field, part in spec.get("parts", {}).items()}
+    cfg = FAMILIES.get(spec["family"]).config.model_validate(spec["config"])
+    return build_model(cfg, spec["channels"], spec["num_classes"], spec.get("classes"), parts=parts or None)
