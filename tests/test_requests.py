@@ -42,6 +42,22 @@ def test_schemas_follow_the_family_declarations():
     assert schema("cvae").classes[9] == "Ankle boot"
 
 
+def test_a_diffusion_model_takes_steps_and_guidance_within_its_bounds():
+    ldm = RequestSchema.of(spec_of("ldm", config={"image_size": 28, "timesteps": 50}))
+    assert ldm.fields == ("count", "seed", "format", "labels", "prompt", "steps", "guidance")
+    parsed = parse_request({"labels": [3, 4], "steps": np.int64(10), "guidance": 2}, ldm)
+    assert (parsed["steps"], parsed["guidance"]) == (10, 2.0) and isinstance(parsed["guidance"], float)
+    assert "steps" not in parse_request({"count": 2}, ldm)  # unset: the model's own sample_steps
+    for request_, message in [({"steps": 51}, "steps: must be an integer in 1..50 (this model's diffusion timesteps), got 51"),
+                              ({"steps": 2.5}, "steps: must be an integer in 1..50"),
+                              ({"guidance": -0.5}, "guidance: must be a number in 0..20"),
+                              ({"guidance": float("nan")}, "guidance: must be a number in 0..20"),
+                              ({"guidance": "3"}, "guidance: must be a number in 0..20")]:
+        with pytest.raises(ValueError) as error:
+            parse_request({"count": 2, **request_}, ldm)
+        assert message in str(error.value)
+
+
 @pytest.mark.parametrize("family, request_, message", [
     ("dcgan", {"count": 2, "colour": "red"},
      "unknown request field(s) ['colour'] for this dcgan model (it generates images); valid: count, seed, format"),

@@ -53,11 +53,12 @@ def _empty(model) -> torch.Tensor:
 
 
 def sample_uint8(model, n: int, seed: int, labels: torch.Tensor | None = None, batch_size: int = 500,
-                 prompts: list[str] | None = None) -> torch.Tensor:
+                 prompts: list[str] | None = None, **options) -> torch.Tensor:
     """n samples at a fixed seed, uint8 N×C×H×W; the same seed gives the same images.
 
     Conditional models take class ids `labels` (n,) or text `prompts` (n strings); with neither,
-    they draw their classes in turn (within each batch of `batch_size`).
+    they draw their classes in turn (within each batch of `batch_size`). `options`: the sampler
+    settings a family declares (Family.sampler_options: a diffusion model's steps and guidance).
     """
     generator = torch.Generator().manual_seed(seed)
     model.eval()
@@ -66,7 +67,7 @@ def sample_uint8(model, n: int, seed: int, labels: torch.Tensor | None = None, b
         count = min(batch_size, n - start)
         part = None if labels is None else labels[start:start + count]
         texts = None if prompts is None else prompts[start:start + count]
-        images = model.sample(count, generator=generator, labels=part, prompts=texts)
+        images = model.sample(count, generator=generator, labels=part, prompts=texts, **options)
         check_finite(images, f"samples (seed {seed}, from image {start})")
         chunks.append(to_uint8(images.cpu()))
     return torch.cat(chunks) if chunks else _empty(model)

@@ -6,7 +6,8 @@ registry in load_context, so nothing pickled from training is ever loaded.
 Requests (a mapping, a one-row DataFrame with these columns, and/or MLflow params; see
 components/tracking/requests.py):
   generate:    {"count": N, "seed": S, + the family's conditions: "labels": [one class id per image],
-                "prompt": "one text for all images" or [one text per image]} → uint8 N×C×H×W;
+                "prompt": "one text for all images" or [one text per image], + the family's sampler
+                options: "steps", "guidance" (a diffusion model)} → uint8 N×C×H×W;
                a family that completes images also takes {"images": uint8 N×C×H×W, "rows_given": R,
                 "count": K, "seed": S} → uint8 (N·K)×C×H×W, K completions of each image in turn,
                 their top R rows the image's own
@@ -28,7 +29,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from components.tracking.requests import RequestSchema, parse_request
+from components.tracking.requests import SAMPLER_OPTION_PARSERS as SAMPLER_OPTIONS, RequestSchema, parse_request
 
 
 class InvalidRequest(MlflowException, ValueError):
@@ -68,7 +69,9 @@ def _generate(model, request: dict) -> np.ndarray:
                               request["seed"]).numpy()
     labels = request.get("labels")
     labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
-    return sample_uint8(model, request["count"], request["seed"], labels, prompts=request.get("prompt")).numpy()
+    options = {name: request[name] for name in SAMPLER_OPTIONS if name in request}  # steps, guidance
+    return sample_uint8(model, request["count"], request["seed"], labels, prompts=request.get("prompt"),
+                        **options).numpy()
 
 
 def _reconstruct(model, request: dict) -> np.ndarray:

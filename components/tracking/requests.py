@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 MAX_COUNT = 4096
+MAX_GUIDANCE = 20.0
 OUTPUTS = ("reconstruction", "latent")
 FORMATS = ("uint8", "png", "png_grid")
 # What a model of each kind does, for errors telling a caller they sent the other kind's request.
@@ -44,6 +45,10 @@ FIELDS: dict[str, Field] = {
     "output": Field("'reconstruction' (default: uint8 images) or 'latent' (float32 codes N×latent_dim)", "string"),
     "format": Field("'uint8' (default: N×C×H×W pixels), 'png' (one base64 PNG per image) or "
                     "'png_grid' (one base64 PNG of all images)", "string"),
+    "steps": Field("sampler steps, 1..the model's diffusion timesteps (default: the model's sample_steps); "
+                   "fewer is faster and coarser", "long"),
+    "guidance": Field(f"classifier-free guidance scale, 0..{MAX_GUIDANCE:g} (default: the model's guidance): 0 "
+                      "ignores the condition, 1 is the conditional model, above 1 follows it more closely", "double"),
 }
 KIND_FIELDS: dict[str, tuple[str, ...]] = {"generate": ("count", "seed", "format"),
                                            "reconstruct": ("images", "output", "format"),
@@ -66,6 +71,8 @@ class RequestSchema:
     input_shape: tuple[int, int, int] | None = None
     takes_mask: bool = False
     completes: bool = False  # generate: also takes "images" and "rows_given" (complete their other rows)
+    sampler_options: tuple[str, ...] = ()  # generate: sampler settings a request may set ("steps", "guidance")
+    timesteps: int = 0  # a diffusion model's training timesteps: the most sampler steps
 
     @classmethod
     def of(cls, spec: dict) -> "RequestSchema":
@@ -77,6 +84,10 @@ class RequestSchema:
         if unknown:
             raise ValueError(f"family {spec['family']!r} declares request condition(s) {unknown} that the "
                              f"registered model cannot parse; known: {', '.join(CONDITION_PARSERS)}")
+        unknown = sorted(set(family.sampler_options) - set(SAMPLER_OPTION_PARSERS))
+        if unknown:
+            raise ValueError(f"family {spec['family']!r} declares sampler option(s) {unknown} that the registered "
+                             f"model cannot parse; known: {', '.join(SAMPLER_OPTION_PARSERS)}")
         classes = class_names(spec["num_classes"], spec.get("classes"))
         input_shape = None
         if family.input_shape is not None:
@@ -84,12 +95,13 @@ class RequestSchema:
         return cls(family=spec["family"], kind=family.kind, conditions=tuple(family.conditions),
                    channels=int(spec["channels"]), image_size=int(spec["config"]["image_size"]),
                    classes=tuple(classes), input_shape=input_shape, takes_mask=family.takes_mask,
-                   completes=family.completes)
+                   completes=family.completes, sampler_options=tuple(family.sampler_options),
+                   timesteps=int(spec["config"].get("timesteps", 0)))
 
     @property
     def fields(self) -> tuple[str, ...]:
         return (*KIND_FIELDS[self.kind], *(("mask",) if self.takes_mask else ()),
-                *(COMPLETION_FIELDS if self.completes else ()), *self.conditions)
+                *(COMPLETION_FIELDS if self.completes else ()), *self.conditions, *self.sampler_options)
 
     @property
     def image_shape(self) -> str:
@@ -193,7 +205,25 @@ def _parse_generate(fields: dict, schema: RequestSchema) -> dict:
     parsed = {"count": int(count), "seed": _parse_seed(fields)}
     for name, value in conditions.items():
         parsed[name] = CONDITION_PARSERS[name](value, int(count), schema)
+    for name in schema.sampler_options:
+        if name in fields:
+            parsed[name] = SAMPLER_OPTION_PARSERS[name](_scalar(fields[name]), schema)
     return parsed
+
+
+def _parse_steps(steps: Any, schema: RequestSchema) -> int:
+    if not _is_int(steps) or not 1 <= steps <= schema.timesteps:
+        raise ValueError(f"steps: must be an integer in 1..{schema.timesteps} (this model's diffusion timesteps), "
+                         f"got {_short(steps)}")
+    return int(steps)
+
+
+def _parse_guidance(guidance: Any, schema: RequestSchema) -> float:
+    number = isinstance(guidance, (int, float, np.integer, np.floating)) and not isinstance(guidance, (bool, np.bool_))
+    if not number or not 0 <= guidance <= MAX_GUIDANCE:  # NaN fails the comparison too
+        raise ValueError(f"guidance: must be a number in 0..{MAX_GUIDANCE:g} (0: unconditional, 1: conditional, "
+                         f"more: closer to the condition), got {_short(guidance)}")
+    return float(guidance)
 
 
 def _parse_seed(fields: dict) -> int:
@@ -339,6 +369,9 @@ def _parse_format(fields: dict, parsed: dict) -> str:
 
 KIND_PARSERS: dict[str, Callable[[dict, RequestSchema], dict]] = {
     "generate": _parse_generate, "reconstruct": _parse_reconstruct, "translate": _parse_translate}
+# Every sampler option a generate family may declare, with its parser (value, schema) → value.
+SAMPLER_OPTION_PARSERS: dict[str, Callable[[Any, RequestSchema], Any]] = {"steps": _parse_steps,
+                                                                          "guidance": _parse_guidance}
 # Every condition a generate family may declare, with its parser (value, count, schema) → value.
 CONDITION_PARSERS: dict[str, Callable[[Any, int, RequestSchema], Any]] = {"labels": _parse_labels,
                                                                          "prompt": _parse_prompt}
