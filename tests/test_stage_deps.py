@@ -23,8 +23,11 @@ TINY = [
     "data.limit_per_split=64",
     "classifier.epochs=1", "classifier.batch_size=32",
     *shrink_every_model(REPO / "params.yaml", batch_size=32, width=8),
-    "evaluate.num_samples=32", "evaluate.kid_subset_size=16", "evaluate.grid_size=4",
+    "evaluate.num_samples=32", "evaluate.kid_subset_size=16", "evaluate.grid_size=4", "evaluate.guidance.samples=20",
 ]
+# A model trained on another (the modern profile's ldm on kl_ae): its train_latent@ and evaluate_latent@ stages
+ON_A_MODEL = ["train.kl_ae.epochs=1", "train.kl_ae.batch_size=32", "train.kl_ae.width=8", "latent.ldm.epochs=1",
+              "latent.ldm.batch_size=32", "latent.ldm.width=16", "latent.ldm.sample_steps=2"]
 # Runs one stage command through the CLI, then records which of genpipe's modules it imported.
 RUN_AND_LIST = """
 import json, sys
@@ -56,7 +59,9 @@ def stages(tmp_path_factory):
         shutil.copy(REPO / name, ws / name)
     shutil.copytree(REPO / ".dvc", ws / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
     params = ws / "params.yaml"
-    write_params_raw(apply_overrides(read_params_raw(params), TINY), params)
+    raw, modern = read_params_raw(params), read_params_raw(REPO / "profiles" / "modern.yaml")
+    raw["train"]["kl_ae"], raw["latent"] = modern["train"]["kl_ae"], modern["latent"]
+    write_params_raw(apply_overrides(raw, TINY + ON_A_MODEL), params)
     subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
 
     from components.versioning import dvc_pipeline as dvc
