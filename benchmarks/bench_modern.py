@@ -4,11 +4,12 @@
     python benchmarks/bench_modern.py --models igpt --steps 50 --markdown-out modern.md
     python benchmarks/bench_modern.py --device cpu --dry-run             # tiny widths: exercises every path
 
-For each model (an entry of params.yaml's train section after merging --profile): the Trainer on
+For each model (an entry of params.yaml's train or latent section after merging --profile): the Trainer on
 synthetic uint8 images preloaded on the device, with the entry's precision/channels_last/compile;
 an untimed warm-up run (compilation, allocator, cuDNN's search), then --steps timed steps with the
 device synchronised before and after. Then `sample_uint8` of --sample-count images (iGPT: the
-KV-cache sampler, one token per step), timed the same way. Bare-loop comparisons live in
+KV-cache sampler, one token per step; ldm: DDIM at its sample_steps with guidance, over an untrained
+autoencoder, which costs what a trained one does), timed the same way. Bare-loop comparisons live in
 benchmarks/bench_trainer.py (the CPU); this script answers what a GPU worker gets from the profile.
 """
 from __future__ import annotations
@@ -26,11 +27,12 @@ sys.path.insert(0, str(ROOT))
 from baselines import sync  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from components.config import apply_overrides, apply_profile, read_params_raw  # noqa: E402
 from components.evaluation.grid import sample_uint8  # noqa: E402
-from components.models import build_model  # noqa: E402
+from components.models import FAMILIES, build_model  # noqa: E402
 from components.params import parse_params  # noqa: E402
 from components.training.trainer import Trainer  # noqa: E402
 
-DRY_RUN = {"igpt": ["dim=8", "depth=1", "heads=2", "batch_size=4"]}  # per family: tiny overrides
+DRY_RUN = {"igpt": ["dim=8", "depth=1", "heads=2", "batch_size=4"],  # per family: tiny overrides
+           "ldm": ["width=16", "batch_size=4", "sample_steps=2"]}
 
 
 def fail(message: str) -> None:
@@ -41,7 +43,7 @@ def fail(message: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", type=Path, default=ROOT / "profiles" / "gpu.yaml")
-    ap.add_argument("--models", nargs="+", default=["igpt"], help="entries of the merged train section")
+    ap.add_argument("--models", nargs="+", default=["igpt", "ldm"], help="entries of the merged train or latent section")
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --dry-run)")
     ap.add_argument("--steps", type=int, help="timed training steps per model (default 30; dry run 2)")
     ap.add_argument("--warm", type=int, default=5, help="untimed warm-up steps (default 5)")
@@ -54,18 +56,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_configs(args) -> dict:
+def load_params(args):
+    """params.yaml with --profile merged (and, for a dry run, each model's family made tiny)."""
     raw = read_params_raw(ROOT / "params.yaml")
     apply_profile(raw, args.profile)
     params = parse_params(raw)
-    unknown = [m for m in args.models if m not in params.train]
+    unknown = [m for m in args.models if m not in params.models]
     if unknown:
-        fail(f"--models {unknown}: not in the train section of params.yaml + {args.profile.name}; "
-             f"known: {', '.join(params.train)}")
+        fail(f"--models {unknown}: not in the train or latent section of params.yaml + {args.profile.name}; "
+             f"known: {', '.join(params.models)}")
     if args.dry_run:
-        apply_overrides(raw, [f"train.{m}.{o}" for m in args.models for o in DRY_RUN.get(params.train[m].family, [])])
+        apply_overrides(raw, [f"{params.section_of(m)}.{m}.{o}" for m in args.models
+                              for o in DRY_RUN.get(params.models[m].family, [])])
         params = parse_params(raw)
-    return {m: params.train[m] for m in args.models}
+    return params
 
 
 def timed(device: torch.device, fn) -> float:
@@ -76,8 +80,13 @@ def timed(device: torch.device, fn) -> float:
     return time.perf_counter() - start
 
 
-def bench(name: str, cfg, device: torch.device, args) -> dict:
-    build = lambda c: build_model(c, 1, 10).to(device)  # noqa: E731
+def bench(name: str, params, device: torch.device, args) -> dict:
+    cfg = params.models[name]
+
+    def build(c):
+        parts = {field: build_model(params.models[getattr(c, field)], 1, 10) for field in FAMILIES.get(c.family).parts}
+        return build_model(c, 1, 10, parts=parts or None).to(device)
+
     images = torch.randint(0, 256, ((args.steps + args.warm) * cfg.batch_size, 1, cfg.image_size, cfg.image_size),
                            dtype=torch.uint8, device=device)
     labels = torch.zeros(images.shape[0], dtype=torch.long, device=device)
@@ -104,8 +113,8 @@ def main(argv=None) -> None:
         fail("CUDA is not available; run this on a GPU machine, or `--device cpu --dry-run` to exercise it")
     if device.type != "cuda" and not args.dry_run:
         fail(f"--device {args.device}: timings are for a GPU; add --dry-run to exercise the script here")
-    configs = load_configs(args)
-    rows = [bench(name, cfg, device, args) for name, cfg in configs.items()]
+    params = load_params(args)
+    rows = [bench(name, params, device, args) for name in args.models]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     lines = [f"{name}; torch {torch.__version__}; profile {args.profile.name}; {args.steps} timed steps", "",
              "| model | family | batch | options | train steps/s | train img/s | sample img/s |",

@@ -74,6 +74,10 @@ BUILT_IN: dict[str, dict] = {
     # (a --batch-size above 16 needs fade_images and stable_images raised to it)
     "progan": {"latent_dim": 64, "ngf": 16, "ndf": 16, "fade_images": 16, "stable_images": 16, "batch_size": 16,
                "gp_lambda": 10.0, "drift": 0.001, "beta1": 0.0, "beta2": 0.99, "lr": 0.012},
+    # profiles/modern.yaml's latent diffusion and its autoencoder (an untrained one: a step costs the same)
+    "kl_ae": {"latent_channels": 4, "width": 32, "kl_weight": 0.001, "lr": 2e-3},
+    "ldm": {"autoencoder": "kl_ae", "width": 64, "timesteps": 1000, "uncond_prob": 0.1, "guidance": 2.0,
+            "sample_steps": 25, "text_dim": 32, "beta1": 0.9, "beta2": 0.999, "lr": 1e-3},
 }
 
 # --options: each a '+'-joined set applied to the trainer's config; "params" keeps params.yaml's.
@@ -125,6 +129,17 @@ def family_config(params, family: str) -> tuple[TrainConfig, str]:
     shared.update(family=family, epochs=1, precision="fp32", channels_last=False, compile=False, ema_decay=0.0)
     cfg = family_class.model_validate({**shared, **BUILT_IN[family]})
     return cfg, "built-in"
+
+
+def untrained_parts(params, cfg: TrainConfig, channels: int, classes: list[str]) -> dict | None:
+    """The models a family is built on (an ldm's autoencoder), untrained: a step costs the same. Each is
+    the params.yaml model its config names, else the built-in config of the family of that name."""
+    parts = {}
+    for field in FAMILIES.get(cfg.family).parts:
+        name = getattr(cfg, field)
+        part_cfg = params.models[name] if name in params.models else family_config(params, name)[0]
+        parts[field] = build_model(part_cfg, channels, NUM_CLASSES, classes)
+    return parts or None
 
 
 def load_images(kind: str, data_cfg, n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -206,7 +221,7 @@ def main() -> int:
         trainer_cfgs = [cfg.model_copy(update=update) for _, update in variants]
 
         def build(c):  # every run's model starts from the same weights (build_model seeds with cfg.seed)
-            model = build_model(c, channels, NUM_CLASSES, classes)
+            model = build_model(c, channels, NUM_CLASSES, classes, parts=untrained_parts(params, c, channels, classes))
             if FAMILIES.get(family).uses_evaluator:  # srgan: an untrained evaluator costs what a trained one does
                 torch.manual_seed(0)
                 model.set_evaluator(Classifier(channels, NUM_CLASSES, params.classifier.width).eval())

@@ -32,7 +32,8 @@ def test_every_registered_family_has_a_benchmark_config():
     for family in FAMILIES.names():
         cfg, source = bench_trainer.family_config(params, family)
         assert cfg.family == family and cfg.epochs == 1, source
-        build_model(cfg, FAMILIES.get(family).data_channels[0], 10)  # the config builds a model (colorize: colour)
+        channels = FAMILIES.get(family).data_channels[0]  # the config builds a model (colorize: colour; ldm: on its parts)
+        build_model(cfg, channels, 10, parts=bench_trainer.untrained_parts(params, cfg, channels, [f"c{i}" for i in range(10)]))
 
 
 def test_unknown_trainer_option_is_refused_with_the_valid_ones():
@@ -97,10 +98,10 @@ def test_bench_modern_dry_run_times_each_model_of_the_gpu_profile(tmp_path):
     done = run_script("benchmarks/bench_modern.py", "--device", "cpu", "--dry-run", "--sample-count", "1",
                       "--warm", "1", "--steps", "1", "--markdown-out", str(out), timeout=300)
     assert done.returncode == 0, done.stderr
-    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| igpt")]
-    assert len(rows) == 1 and all(float(v) > 0 for v in rows[0][5:8]), rows  # steps/s, img/s, samples/s
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith(("| igpt", "| ldm"))]
+    assert len(rows) == 2 and all(float(v) > 0 for row in rows for v in row[5:8]), rows  # steps/s, img/s, samples/s
     refused = run_script("benchmarks/bench_modern.py", "--device", "cpu", "--models", "nope", "--dry-run")
-    assert refused.returncode == 2 and "--models ['nope']: not in the train section" in refused.stderr
+    assert refused.returncode == 2 and "--models ['nope']: not in the train or latent section" in refused.stderr
 
 
 def test_step_options_times_each_variant():

@@ -59,7 +59,8 @@ def test_the_zoo_and_modern_profiles_add_every_family_and_a_bad_profile_is_named
     for profile in ("zoo", "modern"):
         result = run_cli(["params", "--profile", profile], project, GENPIPE_HOME=str(project / ".genpipe"))
         assert result.returncode == 0, result.stderr
-        families |= {cfg["family"] for cfg in json.loads(result.stdout)["train"].values()}
+        shown = json.loads(result.stdout)
+        families |= {cfg["family"] for section in ("train", "latent") for cfg in shown[section].values()}
     assert families == set(FAMILIES.names())
 
     result = run_cli(["params", "--profile", "everything"], project, GENPIPE_HOME=str(project / ".genpipe"))
