@@ -116,10 +116,10 @@ def run_trainer(cfg, build, images: torch.Tensor, labels: torch.Tensor, log_ever
 
 def family_config(params, family: str) -> tuple[TrainConfig, str]:
     """(config with epochs=1, where it came from) for one family."""
-    configured = [name for name, cfg in params.train.items() if cfg.family == family]
+    configured = [name for name, cfg in params.models.items() if cfg.family == family]
     if configured:
         name = family if family in configured else configured[0]
-        return params.train[name].model_copy(update={"epochs": 1}), f"params.yaml train.{name}"
+        return params.models[name].model_copy(update={"epochs": 1}), f"params.yaml {params.section_of(name)}.{name}"
     if family not in BUILT_IN:
         raise SystemExit(f"family {family!r}: no train.<name> with family: {family} in params.yaml and no "
                          f"BUILT_IN config in {Path(__file__).name}; add one of them")
@@ -133,7 +133,8 @@ def family_config(params, family: str) -> tuple[TrainConfig, str]:
 
 def untrained_parts(params, cfg: TrainConfig, channels: int, classes: list[str]) -> dict | None:
     """The models a family is built on (an ldm's autoencoder), untrained: a step costs the same. Each is
-    the params.yaml model its config names, else the built-in config of the family of that name."""
+    the params.yaml model its config names, else the built-in config of the family of that name (BUILT_IN's
+    ldm names its autoencoder after its family, kl_ae)."""
     parts = {}
     for field in FAMILIES.get(cfg.family).parts:
         name = getattr(cfg, field)

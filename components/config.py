@@ -63,6 +63,7 @@ class ViTConfig(Frozen):
     """The Vision Transformer evaluator (classifier.arch: vit): its sizes and its own training recipe."""
 
     patch: int = Field(gt=0)      # square patches of the 28×28 input; must divide 28 (4 → 7×7 tokens)
+    stem: Literal["patch", "conv"]  # the embedding: one patch × patch conv, or stride-2 3×3 convs (patch 2 or 4)
     dim: int = Field(gt=0)
     depth: int = Field(gt=0)
     heads: int = Field(gt=0)      # must divide dim
@@ -81,6 +82,15 @@ class ViTConfig(Frozen):
     def _divides_input(cls, value: int) -> int:
         if 28 % value:  # components.evaluation.classifier.INPUT_SIZE
             raise ValueError("must divide the classifier's 28×28 input: use 1, 2, 4, 7, 14 or 28")
+        return value
+
+    @field_validator("stem")
+    @classmethod
+    def _conv_stem_halves_to_the_grid(cls, value: str, info: ValidationInfo) -> str:
+        patch = info.data.get("patch")
+        if value == "conv" and patch not in (None, 2, 4):
+            raise ValueError(f"conv halves the input to the token grid, so it needs patch 2 or 4 (patch is {patch}); "
+                             "change patch or use stem patch")
         return value
 
     _heads_divide_dim = field_validator("heads")(heads_divide_dim)
@@ -166,6 +176,9 @@ class AugmentConfig(Frozen):
     generated_per_class: int = Field(gt=0)
 
 
+MAX_GUIDANCE = 20.0  # the largest classifier-free guidance scale a model, a request or the evaluation's sweep takes
+
+
 class GuidanceSweepConfig(Frozen):
     """The guidance trade-off of models sampled with classifier-free guidance (components.evaluation.guidance)."""
 
@@ -175,8 +188,8 @@ class GuidanceSweepConfig(Frozen):
     @field_validator("scales")
     @classmethod
     def _non_negative(cls, value: list[float]) -> list[float]:
-        if any(not 0 <= v <= 20 for v in value):
-            raise ValueError("each scale must be in 0..20 (0: unconditional, 1: conditional)")
+        if any(not 0 <= v <= MAX_GUIDANCE for v in value):
+            raise ValueError(f"each scale must be in 0..{MAX_GUIDANCE:g} (0: unconditional, 1: conditional)")
         return value
 
 
@@ -278,9 +291,15 @@ class Params(Frozen):
         """The params section a model is configured in: "train" or "latent"."""
         return "latent" if name in self.latent else "train"
 
+    def stage_of(self, group: str, name: str) -> str:
+        """The address of a model's stage of a dvc.yaml group ("train", "evaluate"): `train@vae`, or
+        `train_latent@ldm` for a model of the latent section (which has stage groups of its own)."""
+        return f"{group}_latent@{name}" if name in self.latent else f"{group}@{name}"
+
     def model(self, name: str) -> TrainConfig:
         if name not in self.models:
-            raise ConfigError(f"train.{name}: no such model in {PARAMS_FILE}; configured: {sorted(self.models)}")
+            raise ConfigError(f"train.{name}: no such model in {PARAMS_FILE}'s train or latent section; "
+                              f"configured: {sorted(self.models)}")
         return self.models[name]
 
 

@@ -33,7 +33,7 @@ def parse_params(raw: Any) -> Params:
         problems += filter(None, [SOURCES.problem("data.source", params.data.source)])
         problems += filter(None, [METRICS.problem("evaluate.metrics", m) for m in params.evaluate.metrics])
         problems += filter(None, [_gating_problem(params, name) for name in params.models])
-        problems += _section_problems(params)
+        problems += _section_problems(params, raw)
     if problems:
         raise ConfigError("invalid parameters:\n  " + "\n  ".join(problems))
     return params
@@ -65,9 +65,10 @@ def _model_configs(raw: dict, section: str, problems: list[str]) -> dict[str, Tr
     return configs
 
 
-def _section_problems(params: Params) -> list[str]:
+def _section_problems(params: Params, raw: dict) -> list[str]:
     """A model in the section its family belongs to (built on an autoencoder: latent, else train), under a
-    name no model of the other section has, its autoencoder a model of train with a latent grid."""
+    name no model of the other section has, its autoencoder a model of train with a latent grid and the
+    same image size (one that failed its own validation is reported once, as that)."""
     problems = [f"latent.{name}: train.{name} exists too; a model name must be unique across train and latent"
                 for name in params.latent if name in params.train]
     for section, models in (("train", params.train), ("latent", params.latent)):
@@ -80,23 +81,29 @@ def _section_problems(params: Params) -> list[str]:
                 problems.append(f"latent.{name}: the {cfg.family} family is trained on images, not on another "
                                 f"model; move it to the train section")
             for part in builds_on:
-                problems += filter(None, [_autoencoder_problem(params, f"{section}.{name}.{part}", getattr(cfg, part))])
+                if getattr(cfg, part) not in raw["train"] or getattr(cfg, part) in params.train:
+                    problems += filter(None, [_autoencoder_problem(params, f"{section}.{name}", part)])
     return problems
 
 
-def _autoencoder_problem(params: Params, field: str, name: str) -> str | None:
+def _autoencoder_problem(params: Params, path: str, part: str) -> str | None:
+    cfg = params.model(path.partition(".")[2])
+    name = getattr(cfg, part)
     if name not in params.train:
-        return f"{field}: no model {name!r} in train; name one of {sorted(params.train)}"
+        return f"{path}.{part}: no model {name!r} in train; name one of {sorted(params.train)}"
     family = FAMILIES.get(params.train[name].family)
     if not family.spatial_latent:
         grids = [f for f in FAMILIES.names() if FAMILIES.get(f).spatial_latent]
-        return (f"{field}: train.{name} is a {family.name}, which has no latent grid to train on; name a model "
-                f"of family {' or '.join(grids)}")
+        return (f"{path}.{part}: train.{name} is a {family.name}, which has no latent grid to train on; name a "
+                f"model of family {' or '.join(grids)}")
+    if params.train[name].image_size != cfg.image_size:
+        return (f"{path}.image_size: {cfg.image_size}, but its {part} train.{name} makes "
+                f"{params.train[name].image_size} px images; set the same image_size for both")
     return None
 
 
 def _gating_problem(params: Params, name: str) -> str | None:
-    """Why train.<name> has no gating metric (a per-kind registry.gating_metric without its kind), or None:
+    """Why a model (train.<name>, latent.<name>) has no gating metric (a per-kind registry.gating_metric without its kind), or None:
     said before training, not at registration."""
     try:
         params.registry.metric_for(FAMILIES.get(params.models[name].family).kind)
@@ -112,8 +119,8 @@ def built_on(params: Params, name: str) -> list[str]:
 
 
 def unfit_models(params: Params) -> dict[str, str]:
-    """The models of `train` whose family cannot learn from the dataset (data.channels), each with why:
-    colorize on a grey dataset. The retrain flow skips them with that reason instead of failing them."""
+    """The models whose family cannot learn from the dataset (data.channels), each with why: colorize on a
+    grey dataset, and a model built on an autoencoder that cannot train. The retrain flow skips them with that reason instead of failing them."""
     unfit = {name: why for name, cfg in params.models.items()
              if (why := FAMILIES.get(cfg.family).unfit_for(params.data.channels))}
     for name in params.latent:  # nothing to train on when its autoencoder cannot train

@@ -135,7 +135,7 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
         evaluator_key = "-" + hashlib.sha256(weights).hexdigest()[:16]
     registered_name = f"{params.data.name}-{name}"
     data_version = dataset_version(data_dir)
-    tags = {"genpipe.stage": f"train@{name}", "dataset_version": data_version,  # model.json's name and value
+    tags = {"genpipe.stage": params.stage_of("train", name), "dataset_version": data_version,  # model.json's name and value
             "genpipe.model_params_hash": config_hash(cfg), "genpipe.family": cfg.family}
     checkpoint = checkpoint_path(registered_name)
     with process_group(device()) as workers:  # a plain run: one worker, no process group
@@ -153,7 +153,7 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
         resume_key = (f"{data_version}-{source_hash('models', 'training', 'images.py')}-"
                       f"{config_hash(params.divergence)}{evaluator_key}{_parts_key(part_specs)}")
         with run as log_metrics:
-            trainer = Trainer(model, cfg, name=name, log_every=params.tracking.log_every,
+            trainer = Trainer(model, cfg, name=name, section=params.section_of(name), log_every=params.tracking.log_every,
                               checkpoint_every=params.tracking.checkpoint_every,
                               checkpoint_path=checkpoint, resume_key=resume_key, log_fn=log_metrics,
                               device=workers.device, divergence=params.divergence, monitor_fn=monitor,
@@ -200,6 +200,11 @@ def trained_parts(params: Params, name: str, autoencoder_dir: Path | None) -> tu
     folder = Path(autoencoder_dir)
     model = load_trained_model(folder)
     spec = json.loads((folder / "model.json").read_text())
+    expected = params.model(cfg.autoencoder).model_dump(mode="json")
+    if spec["config"] != expected:
+        raise ValueError(f"--autoencoder {folder}: trained with other settings than train.{cfg.autoencoder}, which "
+                         f"latent.{name}.autoencoder names; retrain it first (genpipe retrain, or dvc repro "
+                         f"train@{cfg.autoencoder})")
     run_file = folder / "run.json"
     spec["training_run_id"] = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else ""
     spec["weights_sha256"] = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
@@ -253,8 +258,10 @@ def write_guidance_sweep(model, classifier, real_u8, params: Params, name: str, 
     default guidance: the share of samples the evaluator labels as the class they were asked for."""
     from components.evaluation.guidance import guidance_sweep, save_tradeoff_plot
 
-    rows = guidance_sweep(model, classifier, real_u8, params.evaluate.guidance, params.evaluate.seed)
-    write_json({"samples_per_scale": params.evaluate.guidance.samples, "scales": rows}, out_dir / "guidance.json")
+    rows = guidance_sweep(model, classifier, real_u8, params.evaluate)
+    write_json({"samples_per_scale": params.evaluate.guidance.samples, "steps": model.cfg.sample_steps,
+                "reference": "as many held-out images, seeded as every score's reference (evaluate.seed)",
+                "scales": rows}, out_dir / "guidance.json")
     save_tradeoff_plot(rows, out_dir / "guidance.png", f"{name}: classifier-free guidance, "
                                                        f"{params.evaluate.guidance.samples} samples per scale")
     for r in rows:

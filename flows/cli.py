@@ -173,6 +173,7 @@ def cmd_sample(args) -> None:
         request["labels"] = labels
     if args.prompt is not None:
         request["prompt"] = args.prompt
+    request.update({name: value for name in ("steps", "guidance") if (value := getattr(args, name)) is not None})
     model, uri = _load_registered(args.model, "generate", "not a sampler")
     images = _predict(model, request, "sample")
     save_grid(torch.from_numpy(images), Path(args.out))
@@ -419,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in N processes under torchrun (one per GPU, or CPU processes with gloo); "
                         "train.<name>.batch_size stays the global batch. Started by torchrun itself, "
                         "the stage reads WORLD_SIZE instead")
-    p = add("evaluate", cmd_evaluate, "score one trained model and draw its grid (stage 'evaluate@NAME')")
+    p = add("evaluate", cmd_evaluate, "score one trained model and draw its grid "
+                                      "(stage 'evaluate@NAME' or 'evaluate_latent@NAME')")
     p.add_argument("model")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--classifier", type=Path, required=True)
@@ -450,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", help="comma-separated class ids, one per image, e.g. 7,7,9 (conditional models)")
     p.add_argument("--prompt", help='text naming a class for every image, e.g. "ankle boot" (prompted models)')
+    p.add_argument("--steps", type=int, help="sampler steps (diffusion models; default: the model's sample_steps)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale (diffusion models; 0 unconditional, 1 conditional)")
     p.add_argument("--out", type=Path, required=True)
     p = add("reconstruct", cmd_reconstruct, "reconstruct or encode images with a registered autoencoder")
     p.add_argument("--model", required=True, help="NAME@ALIAS, e.g. fashion-mnist-ae@champion")

@@ -1,6 +1,7 @@
 """The retrain run's side of per-model training on workers (params.yaml `deploy.training_pool`): each
-model whose stages are out of date becomes a flow run of the `train-model` deployment; all run at
-once, each on whichever worker of the pool takes it. The lock entries they hand back are merged into
+model whose stages are out of date becomes a flow run of the `train-model` deployment; they run at
+once, each on whichever worker of the pool takes it, except that a model built on another (an ldm on
+its autoencoder) waits for that one's run and is dispatched in the next wave. The lock entries they hand back are merged into
 this workspace's dvc.lock and their outputs pulled, so this workspace ends as if it had trained them."""
 from __future__ import annotations
 
@@ -127,17 +128,14 @@ def train_models_on_workers(repo, params: Params) -> tuple[list[str], dict[str, 
     from components.params import built_on, unfit_models
 
     trainable = [m for m in params.models if m not in unfit_models(params)]  # the others: skipped, with why
+    bases = {m: built_on(params, m) for m in trainable}
     ran, failures, handled = [], {}, set()
     while pending := out_of_date(dvc.open_repo(repo.root_dir), [m for m in trainable if m not in handled]):
-        failed = {address.partition("@")[2] for address in failures}
-        for model in pending:
-            if bases := [b for b in built_on(params, model) if b in failed]:
-                failures[dvc.model_stage(params, "train", model)] = f"not trained: {bases[0]}, which it is built on, failed"
-                handled.add(model)
-        wave = [m for m in pending if m not in handled and not set(built_on(params, m)) & set(pending)]
-        if not wave:  # every pending model's base failed
+        wave, blocked = next_wave(pending, bases, {address.partition("@")[2] for address in failures})
+        failures.update({params.stage_of("train", m): why for m, why in blocked.items()})
+        handled |= set(wave) | set(blocked)
+        if not wave:
             break
-        handled |= set(wave)
         job = training_job(dvc.open_repo(repo.root_dir), params)  # the lock as the previous waves left it
         futures = {m: train_on_worker.submit(m, job, params.deploy.model_timeout_s) for m in wave}
         for model, future in futures.items():
@@ -146,8 +144,18 @@ def train_models_on_workers(repo, params: Params) -> tuple[list[str], dict[str, 
                 take_back(model, entries)
                 ran += list(entries)
             except Exception as exc:
-                failures[dvc.model_stage(params, "train", model)] = describe(exc)
+                failures[params.stage_of("train", model)] = describe(exc)
     unchanged = sorted(set(trainable) - handled)
     if unchanged:
         get_run_logger().info("unchanged, no worker needed: %s", ", ".join(unchanged))
     return ran, failures
+
+
+def next_wave(pending: list[str], bases: dict[str, list[str]], failed: set[str]) -> tuple[list[str], dict[str, str]]:
+    """Of the out-of-date models `pending`: (those to dispatch now, {model: why it is not trained}). A model
+    waits while a model it is built on (`bases`: an ldm's autoencoder) is pending, and is not trained once
+    one of them failed."""
+    blocked = {m: f"not trained: {failing[0]}, which it is built on, failed"
+               for m in pending if (failing := [b for b in bases.get(m, []) if b in failed])}
+    wave = [m for m in pending if m not in blocked and not set(bases.get(m, [])) & set(pending)]
+    return wave, blocked

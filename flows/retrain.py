@@ -65,7 +65,7 @@ def register(model: str, params: Params) -> Registration:
 
     repo = dvc.open_repo()
     name = params.registered_name(model)
-    train_stage = dvc.model_stage(params, "train", model)
+    train_stage = params.stage_of("train", model)
     model_dir = dvc.stage_paths(repo, train_stage)["out"]
     model_md5 = dvc.locked_md5(repo.root_dir, train_stage, model_dir)
     done = registered_already(name, model_md5)  # the common case of a scheduled run: nothing new to judge
@@ -76,7 +76,7 @@ def register(model: str, params: Params) -> Registration:
 
     data_dir = dvc.stage_paths(repo, "ingest")["out"]
     classifier_dir = dvc.stage_paths(repo, "classifier")["out"]
-    eval_dir = dvc.stage_paths(repo, dvc.model_stage(params, "evaluate", model))["metrics"].parent
+    eval_dir = dvc.stage_paths(repo, params.stage_of("evaluate", model))["metrics"].parent
     lineage = {
         "dataset_version": dataset_version(data_dir),  # content hash: the same value as model.json's
         "dataset_md5": dvc.locked_md5(repo.root_dir, "ingest", data_dir),
@@ -118,10 +118,11 @@ def _log_report(registration: Registration, data_dir: Path) -> str | None:
 def retrain(persistent_workspace: bool = False) -> RetrainResult:
     """Ingest → classifier → train → evaluate (as DVC decides) → push → register.
 
-    A failing train@X / evaluate@X skips only the stages that need it; the other models are still
+    A failing train@X / evaluate@X (train_latent@X, evaluate_latent@X) skips only the stages that need it; the other models are still
     pushed and registered, then the flow fails naming what failed. A failing shared stage (ingest,
     classifier) stops everything. With `deploy.training_pool` set, each model's train + evaluate is
-    a flow run on that pool's workers, all at once (flows/dispatch.py).
+    a flow run on that pool's workers, at once except a model built on another, which waits for it
+    (flows/dispatch.py).
 
     persistent_workspace: set by `genpipe deploy` for a git source, whose runs start in a fresh clone:
     the run moves to $GENPIPE_HOME/workspaces/retrain at the clone's commit, where DVC's state lives on.

@@ -1,4 +1,5 @@
-"""The `train-model` flow: one model's stages (train@NAME, evaluate@NAME: what dvc.yaml gives it) on a
+"""The `train-model` flow: one model's stages (train@NAME, evaluate@NAME, or train_latent@NAME and
+evaluate_latent@NAME: what dvc.yaml gives it) on a
 worker, in the worker's own workspace at the retrain run's commit. Inputs come from the DVC remote,
 outputs go back to it, and the stages' dvc.lock entries are handed back as this flow run's `dvc-lock-NAME` artifact, which
 the retrain run merges into its own dvc.lock."""

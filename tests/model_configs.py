@@ -49,10 +49,11 @@ def shrink_every_model(params_file, batch_size: int, width: int) -> list[str]:
     width field `width`. A model added to params.yaml is then small in every pipeline test too."""
     from components.config import read_params_raw
 
-    overrides = []
-    for name, section in read_params_raw(params_file)["train"].items():
-        overrides += [f"train.{name}.epochs=1", f"train.{name}.batch_size={batch_size}"]
-        overrides += [f"train.{name}.{field}={width}" for field in WIDTH_FIELDS if field in section]
+    overrides, raw = [], read_params_raw(params_file)
+    for section in ("train", "latent"):
+        for name, entry in raw[section].items():
+            overrides += [f"{section}.{name}.epochs=1", f"{section}.{name}.batch_size={batch_size}"]
+            overrides += [f"{section}.{name}.{field}={width}" for field in WIDTH_FIELDS if field in entry]
     return overrides
 
 # The evaluate settings that tests constructing an EvaluateConfig by hand do not exercise.

@@ -57,6 +57,47 @@ def make_project(ws: Path, models: list[str], overrides: list[str], remote: str 
     return ws
 
 
+@contextlib.contextmanager
+def local_project(ws: Path, params_raw) -> Iterator[Path]:
+    """A fresh project checkout at ws (git + DVC, the embedded stores) with these params, its state in its
+    own .genpipe and MLflow on SQLite there, run from ws inside a Prefect test server; as a user's clone."""
+    from components.config import write_params_raw
+
+    for name in ["dvc.yaml", ".dvcignore", ".gitignore"]:
+        shutil.copy(REPO / name, ws / name)
+    shutil.copytree(REPO / ".dvc", ws / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    for package in ["components", "flows"]:  # dvc.yaml's code deps
+        shutil.copytree(REPO / package, ws / package, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params_raw(params_raw, ws / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.update({
+        "GENPIPE_HOME": str(ws / ".genpipe"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{ws / '.genpipe' / 'mlflow' / 'mlflow.db'}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # stage commands call `genpipe`
+        "DVC_NO_ANALYTICS": "1",
+    })
+    (ws / ".genpipe" / "mlflow").mkdir(parents=True)
+    os.chdir(ws)
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=60):
+            yield ws
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def set_params(ws: Path, overrides: list[str]) -> None:
+    """Apply `--set`-style overrides to the project's params.yaml, as `genpipe retrain --set` writes them."""
+    from components.config import apply_overrides, read_params_raw, write_params_raw
+
+    write_params_raw(apply_overrides(read_params_raw(ws / "params.yaml"), overrides), ws / "params.yaml")
+
+
 def dvc_config(ws: Path, *args: str) -> None:
     subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, check=True, capture_output=True,
                    env={**os.environ, "DVC_NO_ANALYTICS": "1"})

@@ -249,6 +249,12 @@ def test_a_latent_model_must_name_an_autoencoder_with_a_latent_grid(raw):
     raw["latent"]["ldm"]["autoencoder"] = "vae"
     assert ("latent.ldm.autoencoder: train.vae is a vae, which has no latent grid to train on; "
             "name a model of family kl_ae") in problems_of(raw)
+    raw["latent"]["ldm"].update(autoencoder="kl_ae", image_size=64)
+    assert ("latent.ldm.image_size: 64, but its autoencoder train.kl_ae makes 28 px images; "
+            "set the same image_size for both") in problems_of(raw)
+    raw["latent"]["ldm"]["image_size"] = 28
+    raw["train"]["kl_ae"]["width"] = 0  # reported once, as its own problem, not as a missing autoencoder
+    assert "no model 'kl_ae' in train" not in problems_of(raw) and "train.kl_ae.width: must be > 0" in problems_of(raw)
 
 
 def test_each_model_in_the_section_of_its_kind_under_a_name_of_its_own(raw):

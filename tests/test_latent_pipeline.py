@@ -6,15 +6,13 @@ with steps and guidance; its evaluation draws the guidance trade-off."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from components.config import apply_overrides, apply_profile, read_params_raw, write_params_raw
+from components.config import apply_overrides, apply_profile, read_params_raw
+from stack import local_project, set_params
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -35,42 +33,14 @@ pytestmark = [
 ]
 
 
-def set_params(workspace: Path, overrides: list[str]) -> None:
-    path = workspace / "params.yaml"
-    write_params_raw(apply_overrides(read_params_raw(path), overrides), path)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A fresh project (git + DVC) with only the modern profile's kl_ae and ldm, tiny."""
-    ws = tmp_path_factory.mktemp("latent")
-    for name in ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]:
-        shutil.copy(REPO / name, ws / name)
-    shutil.copytree(REPO / ".dvc", ws / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    for package in ["components", "flows"]:  # dvc.yaml's code deps
-        shutil.copytree(REPO / package, ws / package, ignore=shutil.ignore_patterns("__pycache__"))
-    raw = apply_profile(read_params_raw(ws / "params.yaml"), REPO / "profiles" / "modern.yaml")
+    raw = apply_profile(read_params_raw(REPO / "params.yaml"), REPO / "profiles" / "modern.yaml")
     raw["train"] = {"kl_ae": raw["train"]["kl_ae"]}
     raw["evaluate"]["metrics"] = ["fid", "class_coverage", "recon_mse"]
-    write_params_raw(apply_overrides(raw, TINY), ws / "params.yaml")
-    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
-
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    os.environ.update({
-        "GENPIPE_HOME": str(ws / ".genpipe"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{ws / '.genpipe' / 'mlflow' / 'mlflow.db'}",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # stage commands call `genpipe`
-        "DVC_NO_ANALYTICS": "1",
-    })
-    (ws / ".genpipe" / "mlflow").mkdir(parents=True)
-    os.chdir(ws)
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
+    with local_project(tmp_path_factory.mktemp("latent"), apply_overrides(raw, TINY)) as ws:
         yield ws
-    os.chdir(saved_cwd)
-    os.environ.clear()
-    os.environ.update(saved_env)
 
 
 def run_retrain():
@@ -111,6 +81,13 @@ def test_the_ldm_trains_after_its_autoencoder_and_registers_holding_it(workspace
         ldm.predict({"count": 2, "steps": 0})
     with pytest.raises(Exception, match="guidance: must be a number in 0\\.\\.20"):
         ldm.predict({"count": 2, "guidance": -1})
+
+    sample = ["genpipe", "sample", "--model", "fashion-mnist-ldm@champion", "--labels", "9,0", "--out", "ldm.png"]
+    done = subprocess.run([*sample, "--steps", "3", "--guidance", "2.5"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (workspace / "ldm.png").is_file() and "wrote 2 samples" in done.stdout
+    refused = subprocess.run([*sample, "--steps", "5000"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "steps: must be an integer in 1..1000" in refused.stderr
 
 
 def test_changing_only_the_ldm_leaves_its_autoencoder_alone(workspace):

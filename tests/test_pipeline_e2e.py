@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.config import apply_overrides, read_params_raw, write_params_raw
+from components.config import apply_overrides, read_params_raw
 from model_configs import shrink_every_model
+from stack import local_project, set_params
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -36,39 +36,11 @@ pytestmark = [
 ]
 
 
-def set_params(workspace: Path, overrides: list[str]) -> None:
-    path = workspace / "params.yaml"
-    write_params_raw(apply_overrides(read_params_raw(path), overrides), path)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A fresh project checkout (git + DVC) with tiny params, its state in its own .genpipe."""
-    ws = tmp_path_factory.mktemp("workspace")
-    for name in ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]:
-        shutil.copy(REPO / name, ws / name)
-    shutil.copytree(REPO / ".dvc", ws / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    for package in ["components", "flows"]:  # dvc.yaml's code deps
-        shutil.copytree(REPO / package, ws / package, ignore=shutil.ignore_patterns("__pycache__"))
-    set_params(ws, TINY)
-    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
-
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    os.environ.update({
-        "GENPIPE_HOME": str(ws / ".genpipe"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{ws / '.genpipe' / 'mlflow' / 'mlflow.db'}",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # stage commands call `genpipe`
-        "DVC_NO_ANALYTICS": "1",
-    })
-    (ws / ".genpipe" / "mlflow").mkdir(parents=True)
-    os.chdir(ws)
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
+    with local_project(tmp_path_factory.mktemp("workspace"), apply_overrides(read_params_raw(REPO / "params.yaml"), TINY)) as ws:
         yield ws
-    os.chdir(saved_cwd)
-    os.environ.clear()
-    os.environ.update(saved_env)
 
 
 @pytest.fixture(scope="module")

@@ -38,12 +38,33 @@ def problems_of(*overrides: str) -> str:
 
 @pytest.mark.parametrize("dim, pool", [(32, "mean"), (FEATURES, "cls")])
 def test_vit_gives_the_cnns_feature_shape_and_logits(dim, pool):
-    model = ViT(channels=1, num_classes=7, patch=4, dim=dim, depth=1, heads=4, mlp_ratio=2, pool=pool).eval()
+    model = ViT(channels=1, num_classes=7, patch=4, dim=dim, depth=1, heads=4, mlp_ratio=2, pool=pool, stem="patch").eval()
     x = torch.rand(5, 1, 28, 28) * 2 - 1
     assert model.features(x).shape == (5, FEATURES) == Classifier(1, 7, 4).features(x).shape
     assert model(x).shape == (5, 7)
     # what FID/KID call: any size in, (N, FEATURES) out
     assert FeatureExtractor(model)(torch.rand(3, 1, 64, 64) * 2 - 1).shape == (3, FEATURES)
+
+
+@pytest.mark.parametrize("patch, grid", [(4, 7), (2, 14)])
+def test_conv_stem_reaches_the_patch_token_grid_with_the_same_features(patch, grid):
+    model = ViT(channels=1, num_classes=10, patch=patch, dim=32, depth=1, heads=2, mlp_ratio=2, pool="mean",
+                stem="conv").eval()
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    assert model.embed(x).shape == (3, 32, grid, grid)
+    assert any(isinstance(layer, torch.nn.BatchNorm2d) for layer in model.embed)
+    assert model.features(x).shape == (3, FEATURES) and model(x).shape == (3, 10)
+    assert FeatureExtractor(model)(torch.rand(2, 1, 64, 64) * 2 - 1).shape == (2, FEATURES)
+
+
+def test_patch_stem_is_the_networks_first_layer_as_before():
+    # its parameter names and place in the init order are what trained classifiers and their results rely on
+    torch.manual_seed(3)
+    model = ViT(channels=1, num_classes=10, patch=4, dim=32, depth=1, heads=2, mlp_ratio=2, pool="mean", stem="patch")
+    torch.manual_seed(3)
+    alone = torch.nn.Conv2d(1, 32, 4, stride=4)
+    assert [name for name in model.state_dict() if name.startswith("embed.")] == ["embed.weight", "embed.bias"]
+    assert torch.equal(model.embed.weight, alone.weight) and torch.equal(model.embed.bias, alone.bias)
 
 
 def test_vit_loss_falls_on_a_tiny_set():
@@ -85,11 +106,12 @@ def tiny_dataset(folder: Path, params) -> tuple[torch.Tensor, torch.Tensor]:
     return train
 
 
-@pytest.mark.parametrize("arch", ["vit", "cnn"])
-def test_stage_save_then_load_rebuilds_the_arch_with_identical_predictions(arch, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch, stem", [("vit", "patch"), ("vit", "conv"), ("cnn", "patch")])
+def test_stage_save_then_load_rebuilds_the_arch_with_identical_predictions(arch, stem, tmp_path, monkeypatch):
     monkeypatch.setenv("GENPIPE_HOME", str(tmp_path / ".genpipe"))
     monkeypatch.setenv("GENPIPE_DEVICE", "cpu")
-    params = params_with(*TINY_VIT[1:], f"classifier.arch={arch}", "classifier.epochs=1", "classifier.width=4")
+    params = params_with(*TINY_VIT[1:], f"classifier.arch={arch}", "classifier.epochs=1", "classifier.width=4",
+                         f"classifier.vit.stem={stem}")
     images, labels = tiny_dataset(tmp_path / "dataset", params)
     classifier_stage(params, tmp_path / "dataset", tmp_path / "classifier", tmp_path / "metrics.json")
 
@@ -97,6 +119,9 @@ def test_stage_save_then_load_rebuilds_the_arch_with_identical_predictions(arch,
     assert spec["arch"] == arch and spec["channels"] == 1 and spec["num_classes"] == len(CLASSES)
     loaded = load_classifier(tmp_path / "classifier")
     assert type(loaded) is {"vit": ViT, "cnn": Classifier}[arch]
+    if arch == "vit":
+        assert spec["vit"]["stem"] == stem
+        assert isinstance(loaded.embed, torch.nn.Sequential) == (stem == "conv")
     with torch.random.fork_rng(devices=[]):
         trained = train_classifier(images, labels, len(CLASSES), params.classifier, progress=False)
     probe = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
@@ -115,6 +140,21 @@ def test_a_classifier_json_without_arch_loads_as_the_cnn(tmp_path, monkeypatch):
     loaded = load_classifier(tmp_path)
     x = torch.rand(4, 1, 28, 28) * 2 - 1
     assert type(loaded) is Classifier and torch.equal(loaded(x), old(x))
+
+
+def test_a_vit_classifier_json_without_stem_loads_the_patch_stem(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("GENPIPE_DEVICE", "cpu")
+    sizes = {"patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "pool": "mean"}  # written before stems
+    torch.manual_seed(0)
+    old = ViT(1, 10, **sizes, stem="patch").eval()
+    save_file(old.state_dict(), str(tmp_path / "classifier.safetensors"))
+    (tmp_path / "classifier.json").write_text(json.dumps({"arch": "vit", "channels": 1, "num_classes": 10,
+                                                          "vit": sizes, "dataset_version": "v"}))
+    loaded = load_classifier(tmp_path)
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    assert isinstance(loaded.embed, torch.nn.Conv2d) and torch.equal(loaded(x), old(x))
 
 
 def test_cnn_is_deterministic_and_ignores_the_vit_section():
@@ -141,6 +181,9 @@ def test_cnn_is_deterministic_and_ignores_the_vit_section():
     (["classifier.vit.heads=5"], "classifier.vit.heads: must divide dim (64)"),
     (["classifier.vit.patch=5"], "classifier.vit.patch: must divide the classifier's 28×28 input"),
     (["classifier.vit.pool=max"], "classifier.vit.pool: must be one of 'cls' or 'mean', got 'max'"),
+    (["classifier.vit.stem=conv3"], "classifier.vit.stem: must be one of 'patch' or 'conv', got 'conv3'"),
+    (["classifier.vit.stem=conv", "classifier.vit.patch=7"], "classifier.vit.stem: conv halves the input to the "
+                                                             "token grid, so it needs patch 2 or 4 (patch is 7)"),
     (["classifier.vit.depth=0"], "classifier.vit.depth: must be > 0, got 0"),
     (["classifier.vit.warmup=1"], "classifier.vit.warmup: must be < 1, got 1"),
     (["classifier.arch=vit", "classifier.vit=null"], "classifier.vit: missing: arch is vit, so add the vit section"),

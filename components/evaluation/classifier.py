@@ -72,15 +72,38 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def patch_stem(channels: int, dim: int, patch: int) -> nn.Module:
+    """The ViT's patchify: one patch × patch convolution of stride patch."""
+    return nn.Conv2d(channels, dim, patch, stride=patch)  # dim × 28/patch × 28/patch
+
+
+def conv_stem(channels: int, dim: int, patch: int) -> nn.Module:
+    """log2(patch) stride-2 3×3 convolutions with batch norm and ReLU, widths doubling up to dim, then a
+    1×1 convolution to dim: the same token grid as the patchify, seen through overlapping small kernels.
+    Xiao et al., 2021, "Early Convolutions Help Transformers See Better"."""
+    halvings = patch.bit_length() - 1  # patch is 2 or 4 (ViTConfig checks)
+    widths = [channels] + [dim >> (halvings - 1 - i) for i in range(halvings)]  # patch 4: channels, dim/2, dim
+    layers = []
+    for c_in, c_out in zip(widths, widths[1:]):
+        # c_out × H/2 × W/2
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+    return nn.Sequential(*layers, nn.Conv2d(dim, dim, 1))  # dim × 28/patch × 28/patch
+
+
+STEMS: dict[str, Callable[[int, int, int], nn.Module]] = {"patch": patch_stem, "conv": conv_stem}
+
+
 class ViT(nn.Module):
     """The Vision Transformer evaluator (classifier.arch: vit).
-    Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale"."""
+    Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale".
+    `stem` (STEMS) embeds the image into the token grid; a classifier.json written before stems records
+    none, and its network is the patch one."""
 
     def __init__(self, channels: int, num_classes: int, patch: int, dim: int, depth: int, heads: int,
-                 mlp_ratio: float, pool: str):
+                 mlp_ratio: float, pool: str, stem: str = "patch"):
         super().__init__()
         tokens = (INPUT_SIZE // patch) ** 2
-        self.embed = nn.Conv2d(channels, dim, patch, stride=patch)  # dim × 28/patch × 28/patch
+        self.embed = STEMS[stem](channels, dim, patch)  # dim × 28/patch × 28/patch
         self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         self.pos = nn.Parameter(torch.zeros(1, tokens + (self.cls is not None), dim))
         self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio) for _ in range(depth)))
@@ -169,7 +192,7 @@ def _vit_recipe(model: nn.Module, cfg: ClassifierConfig) -> Recipe:
                   label_smoothing=vit.label_smoothing)
 
 
-VIT_SIZES = ("patch", "dim", "depth", "heads", "mlp_ratio", "pool")
+VIT_SIZES = ("patch", "stem", "dim", "depth", "heads", "mlp_ratio", "pool")
 
 ARCHS: dict[str, Arch] = {
     "cnn": Arch(sizes=lambda cfg: {"width": cfg.width},

@@ -8,33 +8,40 @@ into `pictures/` for models whose family declares the `guidance` sampler option.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
 
-from components.config import GuidanceSweepConfig
+from components.config import EvaluateConfig
 from components.evaluation import features as F
 from components.evaluation.classifier import Classifier
+from components.evaluation.evaluate import reference_subset
 from components.evaluation.grid import sample_uint8
 from components.images import to_model_input
 from components.models.base import GenerativeModel
 
 
-def guidance_sweep(model: GenerativeModel, classifier: Classifier, real_u8: torch.Tensor, cfg: GuidanceSweepConfig,
-                   seed: int) -> list[dict[str, float]]:
-    """Per guidance scale (cfg.scales and the model's default, ascending): agreement, FID and the scale.
-    cfg.samples samples per scale, the classes asked for in turn, the same seed at every scale; FID
-    against as many held-out images (`real_u8`, uint8 N×C×H×W, the first of them)."""
+def guidance_sweep(model: GenerativeModel, classifier: Classifier, real_u8: torch.Tensor,
+                   cfg: EvaluateConfig) -> list[dict[str, float]]:
+    """Per guidance scale (cfg.guidance.scales and the model's default, ascending): agreement, FID, samples/s
+    and the scale. cfg.guidance.samples samples per scale at the model's default DDIM steps, the classes asked for
+    in turn, the same seed (cfg.seed) at every scale; FID against as many held-out images (`real_u8`, uint8
+    N×C×H×W), picked as every score's reference is (evaluate.reference_indices: seeded, every class)."""
+    n = cfg.guidance.samples
     device = next(classifier.parameters()).device
-    real = F.extract(classifier, to_model_input(real_u8[:cfg.samples], model.image_size, device)).features
-    asked = torch.arange(cfg.samples) % model.num_classes  # (n,) the class each sample is asked for
+    reference = reference_subset(real_u8, cfg.model_copy(update={"num_samples": n}))
+    real = F.extract(classifier, to_model_input(reference, model.image_size, device)).features
+    asked = torch.arange(n) % model.num_classes  # (n,) the class each sample is asked for
     rows = []
-    for scale in sorted({*cfg.scales, float(model.cfg.guidance)}):
-        fake_u8 = sample_uint8(model, cfg.samples, seed, labels=asked, guidance=scale)
+    for scale in sorted({*cfg.guidance.scales, float(model.cfg.guidance)}):
+        start = time.perf_counter()
+        fake_u8 = sample_uint8(model, n, cfg.seed, labels=asked, guidance=scale)
+        seconds = time.perf_counter() - start
         fake = F.extract(classifier, to_model_input(fake_u8, model.image_size, device))
         agreement = (fake.probs.argmax(dim=1).cpu() == asked).float().mean()
         rows.append({"guidance": scale, "agreement": float(agreement), "fid": F.fid(real, fake.features),
-                     "default": scale == float(model.cfg.guidance)})
+                     "samples_per_s": n / seconds, "default": scale == float(model.cfg.guidance)})
     return rows
 
 

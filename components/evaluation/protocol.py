@@ -56,12 +56,13 @@ def protocol_key(protocol: dict) -> str:
 
 def evaluate_config(protocol: dict, metrics: list[str]) -> EvaluateConfig:
     """The evaluation settings that measure `metrics` under `protocol` (to score another model): the
-    domain metrics the gate can use. The Inception and augment metrics are off."""
+    domain metrics the gate can use. The Inception and augment metrics and the guidance sweep are off."""
     return EvaluateConfig(metrics=metrics, num_samples=protocol["num_samples"], seed=protocol["seed"],
                           kid_subset_size=protocol["kid_subset_size"], nearest_k=protocol["nearest_k"],
                           bootstrap=protocol["bootstrap"], grid_size=1,
                           inception={"mode": "never", "samples": 2, "cpu_samples": 0},
-                          augment={"real_per_class": 1, "generated_per_class": 1})
+                          augment={"real_per_class": 1, "generated_per_class": 1},
+                          guidance={"scales": [0.0], "samples": 2})
 
 
 def folder_hash(folder: Path) -> str:

@@ -100,20 +100,12 @@ class CGAN(GenerativeModel):
         loss_g = -self.discriminator(fake, y).mean()
         yield "generator", StepOutput(loss_g, {"loss_g": loss_g})
 
-    def prompt_tokens(self, prompts: list[str], n: int) -> torch.Tensor:
-        """Prompts (n strings, each naming one class) → tokens (n, L) on the model's device."""
-        if isinstance(prompts, str) or len(prompts) != n:
-            raise ValueError(f"prompts: expected a list of {n} prompts, one per image, got {prompts!r}")
-        for p in prompts:
-            self.vocab.class_of(p)  # ValueError "prompt: …" unless it names exactly one class
-        return self.vocab.encode(list(prompts)).to(next(self.parameters()).device)
-
     @torch.no_grad()
     def from_noise(self, z, labels=None, prompts=None):
         if prompts is not None and labels is not None:
             raise ValueError("labels, prompts: pass one of them, not both")
         if prompts is not None:
-            tokens = self.prompt_tokens(prompts, z.shape[0])
+            tokens = self.vocab.prompt_tokens(prompts, z.shape[0]).to(z.device)
         else:
             tokens = self.text_encoder.canonical_tokens[self.check_labels(labels, z.shape[0])]  # (n, L)
         return self.generate(z, tokens)  # (n, C, size, size) in [-1, 1]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from components.config import TrainConfig
+from components.config import MAX_GUIDANCE, TrainConfig
 from components.models.base import FAMILIES, Family, GenerativeModel, StepOutput, adam
 from components.models.text import TextEncoder, Vocabulary
 
@@ -41,7 +41,7 @@ class LDMConfig(TrainConfig):
     width: int = Field(gt=0)  # UNet channels on the latent grid; doubled at the half-size level
     timesteps: int = Field(gt=1)  # T of the diffusion
     uncond_prob: float = Field(ge=0, lt=1)  # share of training images whose condition is the null embedding
-    guidance: float = Field(ge=0)  # default guidance scale of requests and of the evaluation
+    guidance: float = Field(ge=0, le=MAX_GUIDANCE)  # default guidance scale of requests and of the evaluation
     sample_steps: int = Field(gt=0)  # default DDIM steps of requests and of the evaluation
     text_dim: int = Field(gt=0)
     beta1: float = Field(ge=0, lt=1)
@@ -197,7 +197,9 @@ class LatentDiffusion(GenerativeModel):
         if not self.training:  # a loss measured in eval mode uses the scale as it is (unset: 1)
             return z * torch.where(self.latent_scale > 0, self.latent_scale, torch.ones_like(self.latent_scale))
         var = z.var()
-        if dist.is_available() and dist.is_initialized():  # every process gets the same scale
+        # Every process gets the same scale; reduced at every step (not only the first), which costs a
+        # scalar all-reduce and keeps the step free of a host-side branch on the scale's value.
+        if dist.is_available() and dist.is_initialized():
             dist.all_reduce(var)
             var /= dist.get_world_size()
         # No branch on the value: no host sync per step, and a rolled-back run measures again.
@@ -218,14 +220,6 @@ class LatentDiffusion(GenerativeModel):
         loss = F.mse_loss(pred.float(), eps)
         yield "ldm", StepOutput(loss, {"loss": loss})
 
-    def prompt_tokens(self, prompts: list[str], n: int) -> torch.Tensor:
-        """Prompts (n strings, each naming one class) → tokens (n, L) on the model's device."""
-        if isinstance(prompts, str) or len(prompts) != n:
-            raise ValueError(f"prompts: expected a list of {n} prompts, one per image, got {prompts!r}")
-        for p in prompts:
-            self.vocab.class_of(p)  # ValueError "prompt: …" unless it names exactly one class
-        return self.vocab.encode(list(prompts)).to(self.alpha_bar.device)
-
     def check_steps(self, steps) -> int:
         if steps is None:
             return self.cfg.sample_steps
@@ -237,10 +231,9 @@ class LatentDiffusion(GenerativeModel):
     def check_guidance(self, guidance) -> float:
         if guidance is None:
             return self.cfg.guidance
-        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) \
-                or guidance < 0:
-            raise ValueError(f"guidance: expected a number ≥ 0 (0: unconditional, 1: conditional, more: "
-                             f"closer to the asked class, less diverse), got {guidance!r}")
+        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not 0 <= guidance <= MAX_GUIDANCE:
+            raise ValueError(f"guidance: expected a number in 0..{MAX_GUIDANCE:g} (0: unconditional, 1: conditional, "
+                             f"more: closer to the asked class, less diverse), got {guidance!r}")  # NaN fails too
         return float(guidance)
 
     def _noise_estimate(self, z: torch.Tensor, t: int, cond: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -262,7 +255,7 @@ class LatentDiffusion(GenerativeModel):
             raise ValueError("labels, prompts: pass one of them, not both")
         n = z.shape[0]
         if prompts is not None:
-            tokens = self.prompt_tokens(prompts, n)
+            tokens = self.vocab.prompt_tokens(prompts, n).to(self.alpha_bar.device)
         else:
             tokens = self.text_encoder.canonical_tokens[self.check_labels(labels, n)]  # (n, L)
         cond = self.text_encoder(tokens)  # (n, text_dim)

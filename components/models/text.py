@@ -110,6 +110,15 @@ class Vocabulary:
         width = max(1, max(len(i) for i in ids))
         return torch.tensor([i + [PAD] * (width - len(i)) for i in ids], dtype=torch.long)
 
+    def prompt_tokens(self, prompts: list[str], n: int) -> torch.Tensor:
+        """Prompts (n strings, each naming one class) → token ids (n, L); ValueError "prompt: …" unless
+        each names exactly one class."""
+        if isinstance(prompts, str) or len(prompts) != n:
+            raise ValueError(f"prompts: expected a list of {n} prompts, one per image, got {prompts!r}")
+        for p in prompts:
+            self.class_of(p)
+        return self.encode(list(prompts))
+
     def canonical(self, k: int) -> str:
         return self.captions[k][0]
 

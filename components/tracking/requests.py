@@ -13,8 +13,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from components.config import MAX_GUIDANCE
+
 MAX_COUNT = 4096
-MAX_GUIDANCE = 20.0
 OUTPUTS = ("reconstruction", "latent")
 FORMATS = ("uint8", "png", "png_grid")
 # What a model of each kind does, for errors telling a caller they sent the other kind's request.

@@ -146,7 +146,7 @@ class SingleProcess:
 
     rank, world_size, is_main = 0, 1, True
 
-    def local_batch(self, batch_size: int, name: str) -> tuple[int, int]:
+    def local_batch(self, batch_size: int, config_path: str) -> tuple[int, int]:
         return 0, batch_size
 
     def wrapped(self):
@@ -188,10 +188,10 @@ class MultiProcess(SingleProcess):
         # Not broadcast: every rank built the same weights from cfg.seed (the weight check would tell).
         self._reduced = {id(p) for name in by_all_reduce for p in getattr(model, name).parameters()}
 
-    def local_batch(self, batch_size: int, name: str) -> tuple[int, int]:
-        """(offset, size) of this rank's slice of each global batch."""
+    def local_batch(self, batch_size: int, config_path: str) -> tuple[int, int]:
+        """(offset, size) of this rank's slice of each global batch; config_path (train.vae) names the model's params."""
         if batch_size % self.world_size:
-            raise ConfigError(f"train.{name}.batch_size={batch_size}: the global batch must split evenly over the "
+            raise ConfigError(f"{config_path}.batch_size={batch_size}: the global batch must split evenly over the "
                               f"{self.world_size} processes; set it to a multiple of {self.world_size}")
         size = batch_size // self.world_size
         return self.rank * size, size

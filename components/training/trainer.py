@@ -69,7 +69,7 @@ class Trainer:
     holds NaN/Inf.
     """
 
-    def __init__(self, model: GenerativeModel, cfg: TrainConfig, *, name: str = "",
+    def __init__(self, model: GenerativeModel, cfg: TrainConfig, *, name: str = "", section: str = "train",
                  log_every: int | None = None, checkpoint_every: int | None = None,
                  checkpoint_path: Path | None = None, resume_key: str = "", log_fn: LogFn | None = None,
                  device: torch.device | str = "cpu", progress: bool = True,
@@ -77,6 +77,7 @@ class Trainer:
                  sentinel_every: int | None = None, workers: Workers | None = None):
         self.device = torch.device(device)
         self.model, self.cfg, self.name = model.to(self.device), cfg, name or cfg.family
+        self.config_path = f"{section}.{self.name}"  # where params.yaml holds cfg, for messages: train.vae, latent.ldm
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)  # 4-D weights; the inputs follow in fit
         if cfg.compile:
@@ -85,7 +86,7 @@ class Trainer:
             for child in model.children():
                 child.compile()
         self.parallel = parallel_hooks(model, workers)  # in one process: hooks that do nothing
-        self._offset, self._local_batch = self.parallel.local_batch(cfg.batch_size, self.name)
+        self._offset, self._local_batch = self.parallel.local_batch(cfg.batch_size, self.config_path)
         self.optimizers = model.optimizers()
         self._phase_params = {k: [p for g in opt.param_groups for p in g["params"]] for k, opt in self.optimizers.items()}
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
@@ -354,15 +355,15 @@ class Trainer:
             kept = (f"; the last good checkpoint {self.checkpoint_path} is kept"
                     if self.checkpoint_path is not None and self.checkpoint_path.exists() else "")
             raise FloatingPointError(
-                f"train.{self.name} ({self.cfg.family}): {problem} of {total}; stopped after {rollbacks} "
+                f"{self.config_path} ({self.cfg.family}): {problem} of {total}; stopped after {rollbacks} "
                 f"rollback(s) (divergence.max_rollbacks={allowed}, learning rate × {lr_scale:g}){kept}. "
-                f"Lower train.{self.name}.lr or check the data.")
+                f"Lower {self.config_path}.lr or check the data.")
         factor = lr_scale * self.divergence.lr_factor / self.lr_scale  # the restored rates are cfg.lr × self.lr_scale
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] *= factor
         self.rollbacks, self.lr_scale = rollbacks + 1, lr_scale * self.divergence.lr_factor
-        print(f"train.{self.name}: {problem} of {total}; rolled back to step {self.step} ({where}) with the "
+        print(f"{self.config_path}: {problem} of {total}; rolled back to step {self.step} ({where}) with the "
               f"learning rate × {self.lr_scale:g} (rollback {self.rollbacks} of {allowed})")
         if self.log_fn is not None:
             self.log_fn({"rollbacks": float(self.rollbacks), "lr_scale": self.lr_scale}, problem.step)

@@ -63,12 +63,6 @@ def model_stages(needs: dict[str, list[str]], model: str) -> list[str]:
     return [a for a in needs if a.partition("@")[2] == model]
 
 
-def model_stage(params, group: str, model: str) -> str:
-    """The address of a model's stage of a dvc.yaml group ("train", "evaluate"): `train@vae`, or
-    `train_latent@ldm` for a model of params.yaml's latent section (its own foreach groups)."""
-    return f"{group}_latent@{model}" if model in params.latent else f"{group}@{model}"
-
-
 def inputs_of(needs: dict[str, list[str]], stages: list[str]) -> list[str]:
     """The stages whose outputs `stages` read, other than themselves (ingest, classifier, another model's train)."""
     return sorted({n for a in stages for n in needs[a]} - set(stages))
