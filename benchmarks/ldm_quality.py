@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,11 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.config import apply_overrides, apply_profile, read_params_raw  # noqa: E402
+from components.config import GuidanceSweepConfig, apply_overrides, apply_profile, read_params_raw  # noqa: E402
 from components.data.sources import SOURCES  # noqa: E402
 from components.evaluation.features import extract, fid  # noqa: E402
-from components.evaluation.grid import reconstruct_uint8, save_grid  # noqa: E402
-from components.images import to_uint8  # noqa: E402
+from components.evaluation.grid import reconstruct_uint8, sample_uint8, save_grid  # noqa: E402
+from components.evaluation.guidance import guidance_sweep  # noqa: E402
 from components.models import build_model  # noqa: E402
 from components.params import parse_params  # noqa: E402
 from components.training.checkpoint import load_weights, save_weights  # noqa: E402
@@ -65,16 +64,6 @@ def scores(classifier, real_features, images_u8: torch.Tensor, asked: torch.Tens
     found = extract(classifier, images_u8.float() / 127.5 - 1)
     agreement = float((found.probs.argmax(dim=1).cpu() == asked).float().mean())
     return {"agreement": round(agreement, 4), "fid": round(fid(real_features, found.features), 2)}
-
-
-@torch.no_grad()
-def draw(model, n: int, seed: int, guidance: float, steps: int | None, batch_size: int = 500) -> torch.Tensor:
-    """n samples of the classes in turn, uint8 N×C×H×W."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % model.num_classes
-    chunks = [to_uint8(model.sample(part.shape[0], generator, labels=part, steps=steps, guidance=guidance).cpu())
-              for part in labels.split(batch_size)]
-    return torch.cat(chunks)
 
 
 def main() -> None:
@@ -121,16 +110,17 @@ def main() -> None:
     result.update({"train_s": round(train_s, 1), "latent_scale": round(float(model.latent_scale), 4),
                    "unet_parameters": sum(p.numel() for p in model.unet.parameters()),
                    "steps": args.steps or cfg.sample_steps, "by_guidance": {}})
-    asked = torch.arange(n) % len(data.classes)
-    rows = []
-    for g in (float(v) for v in args.guidance.split(",")):
-        start = time.perf_counter()
-        samples = draw(model, n, params.evaluate.seed, g, args.steps)
-        per_s = n / (time.perf_counter() - start)
-        result["by_guidance"][str(g)] = {**scores(classifier, real_features, samples, asked),
-                                         "images_per_s": round(per_s, 1)}
-        rows.append(samples[:len(data.classes)])
-        print(f"guidance {g}: {result['by_guidance'][str(g)]}", flush=True)
+    if args.steps:
+        model.cfg = model.cfg.model_copy(update={"sample_steps": args.steps})
+    scales = [float(v) for v in args.guidance.split(",")]
+    sweep = params.evaluate.model_copy(update={"guidance": GuidanceSweepConfig(scales=scales, samples=n)})
+    for row in guidance_sweep(model, classifier, test_images, sweep):  # the evaluate stage's own measurement
+        result["by_guidance"][str(row["guidance"])] = {"agreement": round(row["agreement"], 4),
+                                                      "fid": round(row["fid"], 2),
+                                                      "images_per_s": round(row["samples_per_s"], 1)}
+        print(f"guidance {row['guidance']:g}: {result['by_guidance'][str(row['guidance'])]}", flush=True)
+    asked = torch.arange(len(data.classes))  # the figure: the first samples of each scale, a class per column
+    rows = [sample_uint8(model, len(asked), params.evaluate.seed, labels=asked, guidance=g) for g in scales]
     print(json.dumps(result), flush=True)
     if args.figure is not None:
         save_grid(torch.cat(rows), args.figure, nrow=len(data.classes))
