@@ -82,7 +82,7 @@ def conv_stem(channels: int, dim: int, patch: int) -> nn.Module:
     1×1 convolution to dim: the same token grid as the patchify, seen through overlapping small kernels.
     Xiao et al., 2021, "Early Convolutions Help Transformers See Better"."""
     halvings = patch.bit_length() - 1  # patch is 2 or 4 (ViTConfig checks)
-    widths = [channels] + [dim >> (halvings - 1 - i) for i in range(halvings)]  # patch 4: channels, dim/2, dim
+    widths = [channels] + [max(dim >> (halvings - 1 - i), 1) for i in range(halvings)]  # patch 4: channels, dim/2, dim
     layers = []
     for c_in, c_out in zip(widths, widths[1:]):
         # c_out × H/2 × W/2
