@@ -103,8 +103,8 @@ def _autoencoder_problem(params: Params, path: str, part: str) -> str | None:
 
 
 def _gating_problem(params: Params, name: str) -> str | None:
-    """Why a model (train.<name>, latent.<name>) has no gating metric (a per-kind registry.gating_metric without its kind), or None:
-    said before training, not at registration."""
+    """Why a model (train.<name>, latent.<name>) has no gating metric (a per-kind registry.gating_metric
+    without its kind), or None: said before training, not at registration."""
     try:
         params.registry.metric_for(FAMILIES.get(params.models[name].family).kind)
     except ConfigError as exc:
@@ -120,7 +120,8 @@ def built_on(params: Params, name: str) -> list[str]:
 
 def unfit_models(params: Params) -> dict[str, str]:
     """The models whose family cannot learn from the dataset (data.channels), each with why: colorize on a
-    grey dataset, and a model built on an autoencoder that cannot train. The retrain flow skips them with that reason instead of failing them."""
+    grey dataset, and a model built on an autoencoder that cannot train. The retrain flow skips them with
+    that reason instead of failing them."""
     unfit = {name: why for name, cfg in params.models.items()
              if (why := FAMILIES.get(cfg.family).unfit_for(params.data.channels))}
     for name in params.latent:  # nothing to train on when its autoencoder cannot train

@@ -135,7 +135,8 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
         evaluator_key = "-" + hashlib.sha256(weights).hexdigest()[:16]
     registered_name = f"{params.data.name}-{name}"
     data_version = dataset_version(data_dir)
-    tags = {"genpipe.stage": params.stage_of("train", name), "dataset_version": data_version,  # model.json's name and value
+    tags = {"genpipe.stage": params.stage_of("train", name),
+            "dataset_version": data_version,  # model.json's name and value
             "genpipe.model_params_hash": config_hash(cfg), "genpipe.family": cfg.family}
     checkpoint = checkpoint_path(registered_name)
     with process_group(device()) as workers:  # a plain run: one worker, no process group
@@ -153,7 +154,8 @@ def train_stage(params: Params, name: str, data_dir: Path, out_dir: Path, metric
         resume_key = (f"{data_version}-{source_hash('models', 'training', 'images.py')}-"
                       f"{config_hash(params.divergence)}{evaluator_key}{_parts_key(part_specs)}")
         with run as log_metrics:
-            trainer = Trainer(model, cfg, name=name, section=params.section_of(name), log_every=params.tracking.log_every,
+            trainer = Trainer(model, cfg, name=name, section=params.section_of(name),
+                              log_every=params.tracking.log_every,
                               checkpoint_every=params.tracking.checkpoint_every,
                               checkpoint_path=checkpoint, resume_key=resume_key, log_fn=log_metrics,
                               device=workers.device, divergence=params.divergence, monitor_fn=monitor,

@@ -7,7 +7,8 @@ the KL term, which only keeps the latents' scale in check (Rombach's "KL-reg"): 
 the image's layout, so a diffusion model's UNet can work on it (the `ldm` family).
 
 No batch norm or dropout: train and eval outputs are the same, so the frozen autoencoder inside an
-ldm encodes alike whatever mode it is in (the ldm keeps it in eval mode). Not a sampler: its latent grid has no prior to draw from.
+ldm encodes alike whatever mode it is in (the ldm keeps it in eval mode). Not a sampler: its latent
+grid has no prior to draw from.
 """
 from __future__ import annotations
 
