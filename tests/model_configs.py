@@ -32,6 +32,16 @@ TINY = {
 }
 
 
+def tiny_parts(cfg, channels: int = 1, num_classes: int = 10) -> dict | None:
+    """Untrained tiny models that a family is built on, for build_model's `parts` (None when it is built on
+    none): TINY's ldm names its autoencoder after the kl_ae family."""
+    from components.models import build_model
+
+    parts = {field: build_model(model_config(getattr(cfg, field)), channels, num_classes)
+             for field in FAMILIES.get(cfg.family).parts}
+    return parts or None
+
+
 def model_fields(family: str, **overrides) -> dict:
     """The raw fields of a tiny config of `family` (what params.yaml would hold), with overrides."""
     return {"family": family, **COMMON, **TINY[family], **overrides}

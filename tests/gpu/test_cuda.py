@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_configs import EVALUATE_EXTRAS, model_config
+from model_configs import EVALUATE_EXTRAS, model_config, tiny_parts
 from components.config import EvaluateConfig
 from components.evaluation.classifier import Classifier
 from components.evaluation.evaluate import evaluate_model, score_samples
@@ -49,7 +49,7 @@ def train_and_evaluate(family: str, device: str) -> dict[str, float]:
     from components.training.trainer import Trainer
 
     cfg = model_config(family, batch_size=16, ema_decay=0.9, precision="bf16")
-    model = build_model(cfg, 1, 10)
+    model = build_model(cfg, 1, 10, parts=tiny_parts(cfg))  # an ldm on an untrained tiny kl_ae
     data = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 1, 28, 28), generator=data, dtype=torch.uint8)
     last = Trainer(model, cfg, device=device, log_every=1, progress=False).fit(images, torch.arange(64) % 10)
