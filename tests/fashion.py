@@ -13,6 +13,9 @@ from components.data.sources import FASHION_MNIST_CLASSES, fashion_mnist
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist (make setup installs it)
 CLASSES = list(FASHION_MNIST_CLASSES)
+# For tests that run the pipeline on the installed demo data (its default params.yaml source)
+needs_fashion_mnist = pytest.mark.skipif(not (ROOT / "train-images-idx3-ubyte.gz").exists(),
+                                         reason="demo data missing: `make data` installs dataset-fashion-mnist")
 
 
 def _require() -> None:

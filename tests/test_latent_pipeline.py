@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from components.config import apply_overrides, apply_profile, read_params_raw
+from fashion import needs_fashion_mnist
 from stack import local_project, set_params
 
 REPO = Path(__file__).resolve().parents[1]
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 TINY = [
     "data.limit_per_split=160",
     "classifier.epochs=1", "classifier.batch_size=32",
@@ -26,11 +26,7 @@ TINY = [
     "evaluate.guidance.samples=40",
 ]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-                       reason="demo data missing: `make data` installs dataset-fashion-mnist"),
-]
+pytestmark = [pytest.mark.slow, needs_fashion_mnist]
 
 
 @pytest.fixture(scope="module")

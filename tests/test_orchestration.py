@@ -18,17 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from fashion import needs_fashion_mnist
 from model_configs import shrink_every_model
 from stack import BUCKET, REPO, RETRAIN_POOL, TRAINING_POOL, dvc_config, genpipe, make_project, team
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 MODELS = ["vae", "dcgan"]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-                       reason="demo data missing: `make data` installs dataset-fashion-mnist"),
-]
+pytestmark = [pytest.mark.slow, needs_fashion_mnist]
 
 
 SECRET = "webhook-test-secret"

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from components.config import apply_overrides, read_params_raw
+from fashion import needs_fashion_mnist
 from model_configs import shrink_every_model
 from stack import local_project, set_params
 
 REPO = Path(__file__).resolve().parents[1]
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 TINY = [
     "data.limit_per_split=160",
     "classifier.epochs=1", "classifier.batch_size=32",
@@ -29,11 +29,7 @@ TINY = [
     "evaluate.num_samples=100", "evaluate.kid_subset_size=50", "evaluate.grid_size=16",
 ]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-                       reason="demo data missing: `make data` installs dataset-fashion-mnist"),
-]
+pytestmark = [pytest.mark.slow, needs_fashion_mnist]
 
 
 @pytest.fixture(scope="module")

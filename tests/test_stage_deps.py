@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from components.config import apply_overrides, read_params_raw, write_params_raw
+from fashion import needs_fashion_mnist
 from model_configs import shrink_every_model
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"components", "flows"}  # what pyproject installs: the code a stage can import from here
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 TINY = [
     "data.limit_per_split=64",
     "classifier.epochs=1", "classifier.batch_size=32",
@@ -44,11 +44,7 @@ Path(sys.argv[2]).write_text(json.dumps(sorted(files)))
 sys.exit(rc)
 """.format(packages=PACKAGES)
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-                       reason="demo data missing: `make data` installs dataset-fashion-mnist"),
-]
+pytestmark = [pytest.mark.slow, needs_fashion_mnist]
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import pytest
 
 from components.config import apply_overrides, read_params_raw, write_params_raw
 from components.workspace import retrain_lock, sweep_checkpoints, sweep_stale
+from fashion import needs_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def test_sweep_removes_temp_siblings_and_keeps_everything_else(tmp_path):
@@ -84,7 +84,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(), reason="demo data missing: `make data`")
+@needs_fashion_mnist
 def test_a_stage_command_sweeps_what_its_killed_run_left(tmp_path):
     raw = apply_overrides(read_params_raw(REPO / "params.yaml"),
                           ["data.limit_per_split=64", "classifier.epochs=1", "classifier.batch_size=32"])
