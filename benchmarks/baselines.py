@@ -27,6 +27,16 @@ from torchvision import transforms
 from components.images import to_model_input
 
 
+def untrained_parts(cfg, config_of, channels: int, num_classes: int, classes: list[str] | None = None) -> dict | None:
+    """The models a family is built on (an ldm's autoencoder), untrained, for build_model's `parts`: a step
+    costs what it would on trained ones. config_of(name) gives the config of the model a field names."""
+    from components.models import FAMILIES, build_model
+
+    parts = {field: build_model(config_of(getattr(cfg, field)), channels, num_classes, classes)
+             for field in FAMILIES.get(cfg.family).parts}
+    return parts or None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

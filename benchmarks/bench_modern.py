@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from baselines import sync  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from baselines import sync, untrained_parts  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from components.config import apply_overrides, apply_profile, read_params_raw  # noqa: E402
 from components.evaluation.grid import sample_uint8  # noqa: E402
-from components.models import FAMILIES, build_model  # noqa: E402
+from components.models import build_model  # noqa: E402
 from components.params import parse_params  # noqa: E402
 from components.training.trainer import Trainer  # noqa: E402
 
@@ -83,9 +83,8 @@ def timed(device: torch.device, fn) -> float:
 def bench(name: str, params, device: torch.device, args) -> dict:
     cfg = params.models[name]
 
-    def build(c):
-        parts = {field: build_model(params.models[getattr(c, field)], 1, 10) for field in FAMILIES.get(c.family).parts}
-        return build_model(c, 1, 10, parts=parts or None).to(device)
+    def build(c):  # an ldm on its untrained autoencoder of the profile
+        return build_model(c, 1, 10, parts=untrained_parts(c, params.models.__getitem__, 1, 10)).to(device)
 
     images = torch.randint(0, 256, ((args.steps + args.warm) * cfg.batch_size, 1, cfg.image_size, cfg.image_size),
                            dtype=torch.uint8, device=device)

@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import baselines  # noqa: E402
 from baselines import run_bare, run_preloaded  # noqa: E402
 from components.config import TrainConfig  # noqa: E402
 from components.data.sources import SOURCES  # noqa: E402
@@ -132,15 +133,12 @@ def family_config(params, family: str) -> tuple[TrainConfig, str]:
 
 
 def untrained_parts(params, cfg: TrainConfig, channels: int, classes: list[str]) -> dict | None:
-    """The models a family is built on (an ldm's autoencoder), untrained: a step costs the same. Each is
-    the params.yaml model its config names, else the built-in config of the family of that name (BUILT_IN's
-    ldm names its autoencoder after its family, kl_ae)."""
-    parts = {}
-    for field in FAMILIES.get(cfg.family).parts:
-        name = getattr(cfg, field)
-        part_cfg = params.models[name] if name in params.models else family_config(params, name)[0]
-        parts[field] = build_model(part_cfg, channels, NUM_CLASSES, classes)
-    return parts or None
+    """The untrained models a family is built on (baselines.untrained_parts): each the params.yaml model its
+    config names, else the built-in config of the family of that name (BUILT_IN's ldm names kl_ae)."""
+    def config_of(name: str) -> TrainConfig:
+        return params.models[name] if name in params.models else family_config(params, name)[0]
+
+    return baselines.untrained_parts(cfg, config_of, channels, NUM_CLASSES, classes)
 
 
 def load_images(kind: str, data_cfg, n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
