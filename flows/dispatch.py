@@ -1,8 +1,9 @@
 """The retrain run's side of per-model training on workers (params.yaml `deploy.training_pool`): each
 model whose stages are out of date becomes a flow run of the `train-model` deployment; they run at
 once, each on whichever worker of the pool takes it, except that a model built on another (an ldm on
-its autoencoder) waits for that one's run and is dispatched in the next wave. The lock entries they hand back are merged into
-this workspace's dvc.lock and their outputs pulled, so this workspace ends as if it had trained them."""
+its autoencoder) waits for that one's run and is dispatched in the next wave. The lock entries they
+hand back are merged into this workspace's dvc.lock and their outputs pulled, so this workspace ends
+as if it had trained them."""
 from __future__ import annotations
 
 from pathlib import Path

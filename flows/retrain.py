@@ -118,8 +118,8 @@ def _log_report(registration: Registration, data_dir: Path) -> str | None:
 def retrain(persistent_workspace: bool = False) -> RetrainResult:
     """Ingest → classifier → train → evaluate (as DVC decides) → push → register.
 
-    A failing train@X / evaluate@X (train_latent@X, evaluate_latent@X) skips only the stages that need it; the other models are still
-    pushed and registered, then the flow fails naming what failed. A failing shared stage (ingest,
+    A failing train@X / evaluate@X (train_latent@X, evaluate_latent@X) skips only the stages that need it;
+    the other models are still pushed and registered, then the flow fails naming what failed. A failing shared stage (ingest,
     classifier) stops everything. With `deploy.training_pool` set, each model's train + evaluate is
     a flow run on that pool's workers, at once except a model built on another, which waits for it
     (flows/dispatch.py).
@@ -214,11 +214,12 @@ def _run_stages(repo, params: Params, shared_only: bool = False) -> tuple[list[s
 
 
 def _training_slot(addressing: str, params: Params):
-    """train@X (train_latent@X) holds the model's training slot (with a Prefect server), as a worker's run of it does."""
+    """A model's train stage (train@X, train_latent@X) holds its training slot (with a Prefect server), as a
+    worker's run of it does."""
     import contextlib
 
-    stage, _, model = addressing.partition("@")
-    if stage not in ("train", "train_latent") or model not in params.models:
+    model = _model_of(addressing, params)
+    if model is None or addressing != params.stage_of("train", model):
         return contextlib.nullcontext()
     return training_slot(params.registered_name(model))
 
